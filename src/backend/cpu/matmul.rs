@@ -1,0 +1,208 @@
+//! Weight matrices on the CPU and the product `x · Wᵀ`: GEMV for few rows, gemm for many.
+//!
+//! Decode (1..=GEMV_MAX_ROWS rows) is memory-bound: each thread streams disjoint weight rows
+//! once and dots them with every input row. Prefill is compute-bound: the `gemm` crate's packed,
+//! register-blocked f32 kernels, with 16-bit weights widened chunk by chunk into scratch.
+
+use rayon::prelude::*;
+
+use super::simd::{self, SimdLevel};
+
+/// Row counts up to this go through the weight-streaming GEMV path.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Weight storage; 16-bit types are kept as raw bits.
+#[derive(Debug, Clone)]
+pub enum WeightData {
+    F32(Vec<f32>),
+    BF16(Vec<u16>),
+    F16(Vec<u16>),
+}
+
+/// A `[rows, cols]` = `[out_features, in_features]` weight matrix.
+#[derive(Debug, Clone)]
+pub struct CpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: WeightData,
+}
+
+impl CpuMatrix {
+    /// Row `r` widened to f32 into `out`.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            WeightData::F32(w) => out.copy_from_slice(&w[range]),
+            WeightData::BF16(w) => simd::bf16_to_f32(&w[range], out),
+            WeightData::F16(w) => simd::f16_to_f32(&w[range], out),
+        }
+    }
+
+    fn dot_row(&self, level: SimdLevel, r: usize, x: &[f32]) -> f32 {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            WeightData::F32(w) => simd::dot_f32(level, &w[range], x),
+            WeightData::BF16(w) => simd::dot_bf16(level, &w[range], x),
+            WeightData::F16(w) => simd::dot_f16(level, &w[range], x),
+        }
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.data {
+            WeightData::F32(w) => w.len() * 4,
+            WeightData::BF16(w) | WeightData::F16(w) => w.len() * 2,
+        }
+    }
+}
+
+/// `out[rows, w.rows] = x[rows, w.cols] · wᵀ`, using the calling rayon pool's threads.
+pub fn matmul(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() >= rows * k && out.len() >= rows * n, "matmul buffers too small");
+    let (x, out) = (&x[..rows * k], &mut out[..rows * n]);
+    if rows <= GEMV_MAX_ROWS {
+        gemv(level, threads, x, rows, w, out);
+    } else {
+        gemm_any(threads, x, rows, w, out);
+    }
+}
+
+/// Output rows per parallel task: enough tasks to balance, few enough to keep overhead low.
+fn chunk_len(n: usize, threads: usize) -> usize {
+    n.div_ceil(threads * 4).max(16)
+}
+
+fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    let chunk = chunk_len(n, threads);
+    if rows == 1 {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, out_chunk)| {
+            for (i, o) in out_chunk.iter_mut().enumerate() {
+                *o = w.dot_row(level, c * chunk + i, x);
+            }
+        });
+        return;
+    }
+    // Several rows: each task streams its weight rows once (they stay in L1 across the inputs)
+    // and returns a column block, copied into place afterwards.
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let start = c * chunk;
+            let end = (start + chunk).min(n);
+            let mut block = vec![0.0f32; rows * (end - start)];
+            for j in start..end {
+                for r in 0..rows {
+                    block[r * (end - start) + (j - start)] = w.dot_row(level, j, &x[r * k..(r + 1) * k]);
+                }
+            }
+            (start, block)
+        })
+        .collect();
+    for (start, block) in blocks {
+        let width = block.len() / rows;
+        for r in 0..rows {
+            out[r * n + start..r * n + start + width].copy_from_slice(&block[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+/// Elements of 16-bit weights widened per gemm call (bounds the scratch to 16 MiB).
+const WIDEN_CHUNK_ELEMENTS: usize = 1 << 22;
+
+fn gemm_any(threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    match &w.data {
+        WeightData::F32(data) => gemm_f32(threads, x, rows, k, data, n, out, n, 0),
+        WeightData::BF16(_) | WeightData::F16(_) => {
+            let chunk_rows = (WIDEN_CHUNK_ELEMENTS / k).clamp(1, n);
+            let mut scratch = vec![0.0f32; chunk_rows * k];
+            let mut start = 0;
+            while start < n {
+                let end = (start + chunk_rows).min(n);
+                let widened = &mut scratch[..(end - start) * k];
+                widened.par_chunks_mut(k).enumerate().for_each(|(i, row)| w.row_to_f32(start + i, row));
+                gemm_f32(threads, x, rows, k, widened, end - start, out, n, start);
+                start = end;
+            }
+        }
+    }
+}
+
+/// `out[r, col_offset + j] = Σ_k x[r, k] · w[j, k]` for `j < n`, with `out` rows `out_stride` wide.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(threads: usize, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], out_stride: usize, col_offset: usize) {
+    assert!(x.len() >= m * k && w.len() >= n * k, "gemm operands too small");
+    assert!(col_offset + n <= out_stride && out.len() >= (m - 1) * out_stride + col_offset + n, "gemm output too small");
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above bound every index gemm touches: lhs is m×k row-major (row stride
+    // k), rhs[kk, j] = w[j*k + kk] (column stride k), dst[i, j] = out[i*out_stride + col_offset + j].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr().add(col_offset),
+            1,
+            out_stride as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn naive(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                out[r * n + j] = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_every_dtype_path_and_row_count() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(n, k) in &[(37usize, 53usize), (130, 577), (5, 16)] {
+            let w32: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let wb: Vec<u16> = w32.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let wh: Vec<u16> = w32.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let variants = [
+                (CpuMatrix { rows: n, cols: k, data: WeightData::F32(w32.clone()) }, w32.clone()),
+                (CpuMatrix { rows: n, cols: k, data: WeightData::BF16(wb.clone()) }, wb.iter().map(|&b| simd::scalar::bf16_bits_to_f32(b)).collect()),
+                (CpuMatrix { rows: n, cols: k, data: WeightData::F16(wh.clone()) }, wh.iter().map(|&b| simd::scalar::f16_bits_to_f32(b)).collect()),
+            ];
+            for rows in [1usize, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 33] {
+                let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                for (matrix, widened) in &variants {
+                    let want = naive(&x, rows, widened, n, k);
+                    for level in SimdLevel::all_supported() {
+                        let mut out = vec![f32::NAN; rows * n];
+                        pool.install(|| matmul(level, 2, &x, rows, matrix, &mut out));
+                        for (g, w) in out.iter().zip(&want) {
+                            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "n={n} k={k} rows={rows} {level}: {g} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The CPU backend: f32 activations, f32/bf16/f16 weights, AVX-512/AVX2/scalar chosen at run
+//! time, and a rayon pool of its own (no global pool).
+
+pub mod attention;
+pub mod matmul;
+pub mod simd;
+
+use rayon::prelude::*;
+
+use self::attention::CpuKvStore;
+use self::matmul::{CpuMatrix, WeightData};
+use self::simd::SimdLevel;
+use super::{AttentionLayout, Backend, RowTable};
+use crate::error::{Error, Result};
+use crate::tensor::{HostTensor, TensorData};
+
+/// Rows per parallel task in row-wise element operations (norms, residual step).
+const ROWS_PER_TASK: usize = 16;
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    level: SimdLevel,
+}
+
+impl CpuBackend {
+    /// `threads == 0` means one per available core. `max_level` caps the SIMD level (for tests
+    /// and for comparing paths); the detected level is used when it is higher.
+    pub fn new(threads: usize, max_level: Option<SimdLevel>) -> Result<Self> {
+        let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("engram-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::InvalidInput(format!("cannot start {threads} CPU threads: {e}")))?;
+        let detected = SimdLevel::detect();
+        let level = max_level.map_or(detected, |cap| detected.at_most(cap));
+        Ok(CpuBackend { pool, threads, level })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    pub fn simd_level(&self) -> SimdLevel {
+        self.level
+    }
+}
+
+fn rms_scale(level: SimdLevel, row: &[f32], eps: f32) -> f32 {
+    let mean = simd::sum_squares(level, row) / row.len() as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (first, second) = x.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (first[i], second[i]);
+        first[i] = a * cos[i] - b * sin[i];
+        second[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buffer = Vec<f32>;
+    type Matrix = CpuMatrix;
+    type KvStore = CpuKvStore;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads, {})", self.threads, self.level)
+    }
+
+    fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(work)
+    }
+
+    fn matrix(&self, tensor: &HostTensor) -> Result<CpuMatrix> {
+        let [rows, cols] = tensor.shape[..] else {
+            return Err(Error::Shape(format!("a weight matrix must be 2-D, got shape {:?}", tensor.shape)));
+        };
+        let data = match &tensor.data {
+            TensorData::F32(v) => WeightData::F32(v.clone()),
+            TensorData::BF16(v) => WeightData::BF16(bytemuck::cast_slice(v).to_vec()),
+            TensorData::F16(v) => WeightData::F16(bytemuck::cast_slice(v).to_vec()),
+        };
+        Ok(CpuMatrix { rows, cols, data })
+    }
+
+    fn matrix_shape(&self, matrix: &CpuMatrix) -> (usize, usize) {
+        (matrix.rows, matrix.cols)
+    }
+
+    fn buffer(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, data: &[f32], dst: &mut Vec<f32>) -> Result<()> {
+        if dst.len() < data.len() {
+            return Err(Error::Shape(format!("upload of {} values into a buffer of {}", data.len(), dst.len())));
+        }
+        dst[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn download(&self, src: &Vec<f32>, out: &mut [f32]) -> Result<()> {
+        if src.len() < out.len() {
+            return Err(Error::Shape(format!("download of {} values from a buffer of {}", out.len(), src.len())));
+        }
+        out.copy_from_slice(&src[..out.len()]);
+        Ok(())
+    }
+
+    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, kv_dim: usize) -> Result<CpuKvStore> {
+        Ok(CpuKvStore::new(layers, slots, max_positions, kv_dim))
+    }
+
+    fn embed(&self, table: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) {
+        let dim = table.cols;
+        for (r, &t) in tokens.iter().enumerate() {
+            table.row_to_f32(t as usize, &mut out[r * dim..(r + 1) * dim]);
+        }
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, weight: &Vec<f32>, eps: f32, rows: usize, dim: usize, out: &mut Vec<f32>) {
+        let level = self.level;
+        out[..rows * dim].par_chunks_mut(dim * ROWS_PER_TASK).enumerate().for_each(|(c, block)| {
+            for (i, o) in block.chunks_mut(dim).enumerate() {
+                let r = c * ROWS_PER_TASK + i;
+                let row = &x[r * dim..(r + 1) * dim];
+                let s = rms_scale(level, row, eps);
+                for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight.iter()) {
+                    *o = v * s * w;
+                }
+            }
+        });
+    }
+
+    fn matmul(&self, x: &Vec<f32>, rows: usize, w: &CpuMatrix, out: &mut Vec<f32>) {
+        matmul::matmul(self.level, self.threads, x, rows, w, out);
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, dim: usize) {
+        for row in x[..rows * dim].chunks_mut(dim) {
+            for (v, b) in row.iter_mut().zip(bias.iter()) {
+                *v += b;
+            }
+        }
+    }
+
+    fn head_rms_norm(&self, qkv: &mut Vec<f32>, rows: usize, layout: AttentionLayout, q_weight: &Vec<f32>, k_weight: &Vec<f32>, eps: f32) {
+        let (hd, width) = (layout.head_dim, layout.qkv_dim());
+        let heads_q = layout.heads;
+        let level = self.level;
+        qkv[..rows * width].par_chunks_mut(width).for_each(|row| {
+            for (h, head) in row[..(heads_q + layout.kv_heads) * hd].chunks_mut(hd).enumerate() {
+                let weight = if h < heads_q { q_weight } else { k_weight };
+                let s = rms_scale(level, head, eps);
+                for (v, &w) in head.iter_mut().zip(weight.iter()) {
+                    *v = *v * s * w;
+                }
+            }
+        });
+    }
+
+    fn rope(&self, qkv: &mut Vec<f32>, rows: usize, layout: AttentionLayout, positions: &[u32], cos: &Vec<f32>, sin: &Vec<f32>) {
+        let (hd, width) = (layout.head_dim, layout.qkv_dim());
+        let half = hd / 2;
+        let rotated = (layout.heads + layout.kv_heads) * hd;
+        qkv[..rows * width].par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+            let p = positions[r] as usize;
+            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            for head in row[..rotated].chunks_mut(hd) {
+                rope_row(head, c, s);
+            }
+        });
+    }
+
+    fn attention(&self, qkv: &Vec<f32>, rows: usize, layout: AttentionLayout, kv: &mut CpuKvStore, layer: usize, table: RowTable<'_>, out: &mut Vec<f32>) {
+        attention::attention(self.level, qkv, rows, layout, kv, layer, table, out);
+    }
+
+    fn silu_mul(&self, gate_up: &Vec<f32>, rows: usize, ffn: usize, out: &mut Vec<f32>) {
+        out[..rows * ffn].par_chunks_mut(ffn).enumerate().for_each(|(r, o)| {
+            let row = &gate_up[r * 2 * ffn..(r + 1) * 2 * ffn];
+            let (gate, up) = row.split_at(ffn);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+    }
+
+    fn residual_step(&self, h: &mut Vec<f32>, delta: &Vec<f32>, rows: usize, dim: usize, norm_weight: &Vec<f32>, eps: f32, x_out: &mut Vec<f32>) {
+        let level = self.level;
+        let step = |r: usize, hr: &mut [f32], xr: &mut [f32]| {
+            let d = &delta[r * dim..(r + 1) * dim];
+            for (hv, dv) in hr.iter_mut().zip(d) {
+                *hv += dv;
+            }
+            let s = rms_scale(level, hr, eps);
+            for ((x, &hv), &w) in xr.iter_mut().zip(hr.iter()).zip(norm_weight.iter()) {
+                *x = hv * s * w;
+            }
+        };
+        if rows == 1 {
+            step(0, &mut h[..dim], &mut x_out[..dim]);
+            return;
+        }
+        h[..rows * dim]
+            .par_chunks_mut(dim)
+            .zip(x_out[..rows * dim].par_chunks_mut(dim))
+            .enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(r, (hr, xr))| step(r, hr, xr));
+    }
+
+    fn gather_rows(&self, src: &Vec<f32>, rows: &[u32], dim: usize, dst: &mut Vec<f32>) {
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            dst[i * dim..(i + 1) * dim].copy_from_slice(&src[r * dim..(r + 1) * dim]);
+        }
+    }
+}

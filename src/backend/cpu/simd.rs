@@ -1,0 +1,422 @@
+//! Run-time dispatched SIMD primitives (AVX-512, AVX2+FMA+F16C, scalar reference) for the CPU backend.
+//!
+//! Every routine has a scalar reference in this file and a test comparing each SIMD path to it on
+//! random inputs of awkward lengths. The `unsafe` is confined to the `#[target_feature]` bodies;
+//! the public functions are safe because they only call a body whose features were detected.
+
+/// The instruction-set level chosen at run time (never at compile time: binaries are portable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F (+ the AVX2 set).
+    Avx512,
+}
+
+impl SimdLevel {
+    /// The best level this CPU supports.
+    pub fn detect() -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c");
+            if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+                return SimdLevel::Avx512;
+            }
+            if avx2 {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Scalar
+    }
+
+    /// Every level this CPU can run, lowest first (tests run all of them).
+    pub fn all_supported() -> Vec<SimdLevel> {
+        let best = SimdLevel::detect();
+        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512].into_iter().filter(|&l| l <= best).collect()
+    }
+
+    /// Clamps a requested level to what the CPU supports.
+    pub fn at_most(self, requested: SimdLevel) -> SimdLevel {
+        self.min(requested)
+    }
+}
+
+impl std::fmt::Display for SimdLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        })
+    }
+}
+
+// ---------------------------------------------------------------- scalar references
+
+pub mod scalar {
+    //! Plain loops: the references every SIMD path is tested against.
+
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    pub fn bf16_bits_to_f32(bits: u16) -> f32 {
+        f32::from_bits((bits as u32) << 16)
+    }
+
+    pub fn f16_bits_to_f32(bits: u16) -> f32 {
+        half::f16::from_bits(bits).to_f32()
+    }
+
+    pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+        w.iter().zip(x).map(|(&b, y)| bf16_bits_to_f32(b) * y).sum()
+    }
+
+    pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+        w.iter().zip(x).map(|(&b, y)| f16_bits_to_f32(b) * y).sum()
+    }
+
+    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += a * xi;
+        }
+    }
+
+    pub fn sum_squares(x: &[f32]) -> f32 {
+        x.iter().map(|v| v * v).sum()
+    }
+}
+
+// ---------------------------------------------------------------- safe dispatchers
+
+fn check_len(a: usize, b: usize) {
+    assert_eq!(a, b, "SIMD operands must have equal lengths");
+}
+
+/// Σ a_i b_i.
+pub fn dot_f32(level: SimdLevel, a: &[f32], b: &[f32]) -> f32 {
+    check_len(a.len(), b.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever Avx512/Avx2 when `detect` found those features.
+        SimdLevel::Avx512 => unsafe { x86::dot_f32_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::dot_f32_avx2(a, b) },
+        _ => scalar::dot_f32(a, b),
+    }
+}
+
+/// Σ bf16(w_i) x_i, with the bf16 values given as raw bits.
+pub fn dot_bf16(level: SimdLevel, w: &[u16], x: &[f32]) -> f32 {
+    check_len(w.len(), x.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx512 => unsafe { x86::dot_bf16_avx512(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::dot_bf16_avx2(w, x) },
+        _ => scalar::dot_bf16(w, x),
+    }
+}
+
+/// Σ f16(w_i) x_i, with the f16 values given as raw bits.
+pub fn dot_f16(level: SimdLevel, w: &[u16], x: &[f32]) -> f32 {
+    check_len(w.len(), x.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx512 => unsafe { x86::dot_f16_avx512(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::dot_f16_avx2(w, x) },
+        _ => scalar::dot_f16(w, x),
+    }
+}
+
+/// y += a x.
+pub fn axpy(level: SimdLevel, a: f32, x: &[f32], y: &mut [f32]) {
+    check_len(x.len(), y.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx512 => unsafe { x86::axpy_avx512(a, x, y) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::axpy_avx2(a, x, y) },
+        _ => scalar::axpy(a, x, y),
+    }
+}
+
+/// Σ x_i².
+pub fn sum_squares(level: SimdLevel, x: &[f32]) -> f32 {
+    dot_f32(level, x, x)
+}
+
+/// Widens raw bf16 bits to f32 (exact).
+pub fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
+    check_len(src.len(), dst.len());
+    // A shift per element: the compiler vectorizes this loop at the baseline level.
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = scalar::bf16_bits_to_f32(s);
+    }
+}
+
+/// Widens raw f16 bits to f32 (exact; `half` uses F16C when the CPU has it).
+pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    check_len(src.len(), dst.len());
+    let halves: &[half::f16] = bytemuck::cast_slice(src);
+    halves.convert_to_f32_slice(dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The `#[target_feature]` bodies. Four independent accumulators hide the FMA latency.
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (u, acc_u) in acc.iter_mut().enumerate() {
+                let off = i + 16 * u;
+                *acc_u = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(off)), _mm512_loadu_ps(pb.add(off)), *acc_u);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc[0]);
+            i += 16;
+        }
+        if i < n {
+            let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let va = _mm512_maskz_loadu_ps(mask, pa.add(i));
+            let vb = _mm512_maskz_loadu_ps(mask, pb.add(i));
+            acc[1] = _mm512_fmadd_ps(va, vb, acc[1]);
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_bf16x16(p: *const u16) -> __m512 {
+        let bits = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_f16x16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+
+    macro_rules! dot_half_avx512 {
+        ($name:ident, $load:ident, $tail:path) => {
+            #[target_feature(enable = "avx512f")]
+            pub unsafe fn $name(w: &[u16], x: &[f32]) -> f32 {
+                let n = w.len();
+                let (pw, px) = (w.as_ptr(), x.as_ptr());
+                let mut acc = [_mm512_setzero_ps(); 4];
+                let mut i = 0;
+                while i + 64 <= n {
+                    for (u, acc_u) in acc.iter_mut().enumerate() {
+                        let off = i + 16 * u;
+                        *acc_u = _mm512_fmadd_ps($load(pw.add(off)), _mm512_loadu_ps(px.add(off)), *acc_u);
+                    }
+                    i += 64;
+                }
+                while i + 16 <= n {
+                    acc[0] = _mm512_fmadd_ps($load(pw.add(i)), _mm512_loadu_ps(px.add(i)), acc[0]);
+                    i += 16;
+                }
+                let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+                _mm512_reduce_add_ps(s) + $tail(&w[i..], &x[i..])
+            }
+        };
+    }
+    dot_half_avx512!(dot_bf16_avx512, load_bf16x16, super::scalar::dot_bf16);
+    dot_half_avx512!(dot_f16_avx512, load_f16x16, super::scalar::dot_f16);
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let va = _mm512_set1_ps(a);
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i + 16 <= n {
+            let r = _mm512_fmadd_ps(va, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i)));
+            _mm512_storeu_ps(py.add(i), r);
+            i += 16;
+        }
+        super::scalar::axpy(a, &x[i..], &mut y[i..]);
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (u, acc_u) in acc.iter_mut().enumerate() {
+                let off = i + 8 * u;
+                *acc_u = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(off)), _mm256_loadu_ps(pb.add(off)), *acc_u);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum256(s) + super::scalar::dot_f32(&a[i..], &b[i..])
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_bf16x8(p: *const u16) -> __m256 {
+        let bits = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16x8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    macro_rules! dot_half_avx2 {
+        ($name:ident, $load:ident, $tail:path) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(w: &[u16], x: &[f32]) -> f32 {
+                let n = w.len();
+                let (pw, px) = (w.as_ptr(), x.as_ptr());
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i + 32 <= n {
+                    for (u, acc_u) in acc.iter_mut().enumerate() {
+                        let off = i + 8 * u;
+                        *acc_u = _mm256_fmadd_ps($load(pw.add(off)), _mm256_loadu_ps(px.add(off)), *acc_u);
+                    }
+                    i += 32;
+                }
+                while i + 8 <= n {
+                    acc[0] = _mm256_fmadd_ps($load(pw.add(i)), _mm256_loadu_ps(px.add(i)), acc[0]);
+                    i += 8;
+                }
+                let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                hsum256(s) + $tail(&w[i..], &x[i..])
+            }
+        };
+    }
+    dot_half_avx2!(dot_bf16_avx2, load_bf16x8, super::scalar::dot_bf16);
+    dot_half_avx2!(dot_f16_avx2, load_f16x8, super::scalar::dot_f16);
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let va = _mm256_set1_ps(a);
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), r);
+            i += 8;
+        }
+        super::scalar::axpy(a, &x[i..], &mut y[i..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    const AWKWARD_LENGTHS: [usize; 12] = [1, 3, 7, 15, 16, 17, 31, 63, 64, 65, 200, 577];
+
+    fn random_vec(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0) + 1e-3).collect()
+    }
+
+    fn tolerance(a: &[f32], b: &[f32]) -> f32 {
+        let mag: f32 = a.iter().zip(b).map(|(x, y)| (x * y).abs()).sum();
+        1e-5 * mag + 1e-6
+    }
+
+    #[test]
+    fn dot_products_match_scalar_reference_on_every_level() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for level in SimdLevel::all_supported() {
+            for n in AWKWARD_LENGTHS {
+                let a = random_vec(&mut rng, n);
+                let b = random_vec(&mut rng, n);
+                let want = scalar::dot_f32(&a, &b);
+                let got = dot_f32(level, &a, &b);
+                assert!((want - got).abs() <= tolerance(&a, &b), "{level} n={n}: {got} vs {want}");
+
+                let wb: Vec<u16> = a.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let wb_f32: Vec<f32> = wb.iter().map(|&v| scalar::bf16_bits_to_f32(v)).collect();
+                let want = scalar::dot_bf16(&wb, &b);
+                let got = dot_bf16(level, &wb, &b);
+                assert!((want - got).abs() <= tolerance(&wb_f32, &b), "bf16 {level} n={n}: {got} vs {want}");
+
+                let wh: Vec<u16> = a.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                let wh_f32: Vec<f32> = wh.iter().map(|&v| scalar::f16_bits_to_f32(v)).collect();
+                let want = scalar::dot_f16(&wh, &b);
+                let got = dot_f16(level, &wh, &b);
+                assert!((want - got).abs() <= tolerance(&wh_f32, &b), "f16 {level} n={n}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn axpy_matches_scalar_reference_on_every_level() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for level in SimdLevel::all_supported() {
+            for n in AWKWARD_LENGTHS {
+                let x = random_vec(&mut rng, n);
+                let y0 = random_vec(&mut rng, n);
+                let mut want = y0.clone();
+                scalar::axpy(0.37, &x, &mut want);
+                let mut got = y0.clone();
+                axpy(level, 0.37, &x, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{level} n={n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_widening_is_exact() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let v = random_vec(&mut rng, 333);
+        let b: Vec<u16> = v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let h: Vec<u16> = v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+        let mut out = vec![f32::NAN; v.len()];
+        bf16_to_f32(&b, &mut out);
+        for (o, &bits) in out.iter().zip(&b) {
+            assert_eq!(*o, half::bf16::from_bits(bits).to_f32());
+        }
+        f16_to_f32(&h, &mut out);
+        for (o, &bits) in out.iter().zip(&h) {
+            assert_eq!(*o, half::f16::from_bits(bits).to_f32());
+        }
+    }
+}

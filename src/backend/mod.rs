@@ -1,0 +1,86 @@
+//! The Backend trait: the handful of operations the one forward pass is written in.
+//!
+//! A backend owns its buffers (activations, weights, KV cache) and runs each operation over a
+//! batch of token rows. Rows may belong to different sequences (KV slots) at different positions,
+//! which is what lets one batch mix prompts of uneven lengths and decode steps.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::tensor::HostTensor;
+
+/// How the fused q|k|v projection output of one row is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionLayout {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionLayout {
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    /// Width of one row of the fused q|k|v buffer.
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+}
+
+/// Where each row of a batch lives: its sequence slot in the KV cache and its position there.
+#[derive(Debug, Clone, Copy)]
+pub struct RowTable<'a> {
+    pub slots: &'a [u32],
+    pub positions: &'a [u32],
+}
+
+/// Device operations used by [`crate::forward`]. Buffers hold f32 activations, row-major.
+pub trait Backend: Send + Sync {
+    /// An f32 activation buffer.
+    type Buffer: Send + Sync;
+    /// A weight matrix `[out_features, in_features]` in the backend's weight dtype.
+    type Matrix: Send + Sync;
+    /// The preallocated KV cache of all layers and slots.
+    type KvStore: Send + Sync;
+
+    fn name(&self) -> String;
+
+    /// Runs `work` with the backend's threads available (the CPU backend enters its pool once
+    /// per forward pass instead of once per operation).
+    fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R;
+
+    fn matrix(&self, tensor: &HostTensor) -> Result<Self::Matrix>;
+    /// `(out_features, in_features)`.
+    fn matrix_shape(&self, matrix: &Self::Matrix) -> (usize, usize);
+    fn buffer(&self, len: usize) -> Result<Self::Buffer>;
+    fn upload(&self, data: &[f32], dst: &mut Self::Buffer) -> Result<()>;
+    /// Copies the first `out.len()` values of `src` to the host.
+    fn download(&self, src: &Self::Buffer, out: &mut [f32]) -> Result<()>;
+    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, kv_dim: usize) -> Result<Self::KvStore>;
+
+    /// `out[r] = table[tokens[r]]`, widened to f32.
+    fn embed(&self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buffer);
+    /// `out[r] = x[r] / rms(x[r]) * weight` for `rows` rows of width `weight.len()`.
+    fn rms_norm(&self, x: &Self::Buffer, weight: &Self::Buffer, eps: f32, rows: usize, dim: usize, out: &mut Self::Buffer);
+    /// `out[rows, out_features] = x[rows, in_features] · wᵀ`.
+    fn matmul(&self, x: &Self::Buffer, rows: usize, w: &Self::Matrix, out: &mut Self::Buffer);
+    /// `x[r] += bias` for `rows` rows of width `dim`.
+    fn add_bias(&self, x: &mut Self::Buffer, bias: &Self::Buffer, rows: usize, dim: usize);
+    /// RMSNorm over each head of q and of k inside the fused q|k|v rows (Qwen3).
+    fn head_rms_norm(&self, qkv: &mut Self::Buffer, rows: usize, layout: AttentionLayout, q_weight: &Self::Buffer, k_weight: &Self::Buffer, eps: f32);
+    /// Rotary embedding of q and k (rotate-half convention) using a `[positions, head_dim/2]` cos|sin table.
+    fn rope(&self, qkv: &mut Self::Buffer, rows: usize, layout: AttentionLayout, positions: &[u32], cos: &Self::Buffer, sin: &Self::Buffer);
+    /// Stores each row's k, v in the cache at (layer, slot, position), then computes causal
+    /// attention of each row over its slot's positions `0..=position`; writes `[rows, q_dim]`.
+    fn attention(&self, qkv: &Self::Buffer, rows: usize, layout: AttentionLayout, kv: &mut Self::KvStore, layer: usize, table: RowTable<'_>, out: &mut Self::Buffer);
+    /// `out[r] = silu(gate_up[r][..ffn]) * gate_up[r][ffn..]`.
+    fn silu_mul(&self, gate_up: &Self::Buffer, rows: usize, ffn: usize, out: &mut Self::Buffer);
+    /// The residual step that ends every sub-block: `h += delta; x = rmsnorm(h) * norm_weight`.
+    /// Steering, readouts and capture (see DESIGN.md) are fused here.
+    fn residual_step(&self, h: &mut Self::Buffer, delta: &Self::Buffer, rows: usize, dim: usize, norm_weight: &Self::Buffer, eps: f32, x_out: &mut Self::Buffer);
+    /// `dst[i] = src[rows[i]]` for rows of width `dim`.
+    fn gather_rows(&self, src: &Self::Buffer, rows: &[u32], dim: usize, dst: &mut Self::Buffer);
+}

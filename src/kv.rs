@@ -1,0 +1,69 @@
+//! The KV cache: one backend store allocated once for all layers, slots and positions, plus the
+//! length of each slot's sequence. Nothing is reallocated while tokens are appended.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+
+pub struct KvCache<B: Backend> {
+    pub store: B::KvStore,
+    lengths: Vec<usize>,
+    capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(backend: &B, config: &ModelConfig, slots: usize, capacity: usize) -> Result<Self> {
+        if slots == 0 || capacity == 0 {
+            return Err(Error::InvalidInput("a KV cache needs at least one slot and one position".into()));
+        }
+        let store = backend.kv_store(config.num_hidden_layers, slots, capacity, config.kv_dim())?;
+        Ok(KvCache { store, lengths: vec![0; slots], capacity })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Positions available to each slot.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Tokens already cached in `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.lengths[slot]
+    }
+
+    pub fn is_empty(&self, slot: usize) -> bool {
+        self.lengths[slot] == 0
+    }
+
+    /// Forgets a slot's sequence (its storage is reused as is).
+    pub fn reset(&mut self, slot: usize) {
+        self.lengths[slot] = 0;
+    }
+
+    /// Truncates a slot back to `len` tokens (e.g. to reuse a shared prompt prefix).
+    pub fn truncate(&mut self, slot: usize, len: usize) {
+        self.lengths[slot] = self.lengths[slot].min(len);
+    }
+
+    /// Checks that `count` more tokens fit in `slot`.
+    pub fn check_room(&self, slot: usize, count: usize) -> Result<()> {
+        if slot >= self.lengths.len() {
+            return Err(Error::InvalidInput(format!("slot {slot} outside the session's {} slots", self.lengths.len())));
+        }
+        let needed = self.lengths[slot] + count;
+        if needed > self.capacity {
+            return Err(Error::InvalidInput(format!(
+                "sequence would reach {needed} tokens ({} cached + {count} new), beyond the context of {} (raise --context up to the model's maximum)",
+                self.lengths[slot], self.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn advance(&mut self, slot: usize, count: usize) {
+        self.lengths[slot] += count;
+    }
+}

@@ -1,0 +1,150 @@
+//! Model weights resident on a backend, arranged for the forward pass: q|k|v and gate|up fused
+//! into single matrices so that each sub-block input is read by one matrix product.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::TensorSource;
+use crate::tensor::{DType, HostTensor, TensorData};
+
+pub struct LayerWeights<B: Backend> {
+    pub input_norm: B::Buffer,
+    /// `[q_dim + 2·kv_dim, hidden]`.
+    pub qkv: B::Matrix,
+    pub qkv_bias: Option<B::Buffer>,
+    pub q_norm: Option<B::Buffer>,
+    pub k_norm: Option<B::Buffer>,
+    pub o_proj: B::Matrix,
+    pub post_attention_norm: B::Buffer,
+    /// `[2·intermediate, hidden]`: gate rows then up rows.
+    pub gate_up: B::Matrix,
+    pub down: B::Matrix,
+}
+
+pub struct ModelWeights<B: Backend> {
+    pub embed: B::Matrix,
+    pub layers: Vec<LayerWeights<B>>,
+    pub final_norm: B::Buffer,
+    /// `None` when the output projection is tied to the embedding.
+    pub lm_head: Option<B::Matrix>,
+    /// Bytes of all matrices in their stored dtype (what a decode step streams).
+    pub matrix_bytes: usize,
+    pub dtype: DType,
+}
+
+impl<B: Backend> ModelWeights<B> {
+    /// The output projection (the embedding itself when tied).
+    pub fn output_matrix(&self) -> &B::Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// Loads `name` and checks its shape against what the config implies.
+fn load_checked(source: &dyn TensorSource, name: &str, expected: &[usize], dtype: DType) -> Result<HostTensor> {
+    if !source.contains(name) {
+        return Err(Error::format(source.describe(), format!("missing tensor '{name}'")));
+    }
+    let tensor = source.load(name, dtype)?;
+    if tensor.shape != expected {
+        return Err(Error::format(
+            source.describe(),
+            format!("tensor '{name}' has shape {:?}, the config implies {:?}", tensor.shape, expected),
+        ));
+    }
+    tensor.check_finite(&format!("{}: tensor '{name}'", source.describe()))?;
+    Ok(tensor)
+}
+
+/// Stacks 2-D tensors of one dtype along their first axis.
+fn concat_rows(parts: Vec<HostTensor>) -> Result<HostTensor> {
+    let cols = parts[0].shape[1];
+    let rows = parts.iter().map(|t| t.shape[0]).sum();
+    let data = match parts[0].dtype() {
+        DType::F32 => TensorData::F32(parts.iter().flat_map(|t| t.to_f32_vec()).collect()),
+        DType::F16 => TensorData::F16(parts.into_iter().flat_map(|t| match t.data { TensorData::F16(v) => v, _ => unreachable!("one dtype") }).collect()),
+        DType::BF16 => TensorData::BF16(parts.into_iter().flat_map(|t| match t.data { TensorData::BF16(v) => v, _ => unreachable!("one dtype") }).collect()),
+    };
+    Ok(HostTensor { shape: vec![rows, cols], data })
+}
+
+fn concat_vectors(parts: Vec<HostTensor>) -> Vec<f32> {
+    parts.iter().flat_map(|t| t.to_f32_vec()).collect()
+}
+
+impl<B: Backend> ModelWeights<B> {
+    /// Reads every tensor by its Hugging Face name, matrices in `dtype`, norms and biases in f32.
+    pub fn load(backend: &B, config: &ModelConfig, source: &dyn TensorSource, dtype: DType, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
+        let (hidden, ffn) = (config.hidden_size, config.intermediate_size);
+        let (q_dim, kv_dim, hd) = (config.q_dim(), config.kv_dim(), config.head_dim);
+        let vector = |name: &str, len: usize| -> Result<B::Buffer> {
+            let values = load_checked(source, name, &[len], DType::F32)?.to_f32_vec();
+            let mut buffer = backend.buffer(len)?;
+            backend.upload(&values, &mut buffer)?;
+            Ok(buffer)
+        };
+        let matrix = |tensor: HostTensor| -> Result<(B::Matrix, usize)> {
+            let bytes = tensor.as_bytes().len();
+            Ok((backend.matrix(&tensor)?, bytes))
+        };
+        let mut matrix_bytes = 0;
+        let (embed, bytes) = matrix(load_checked(source, "model.embed_tokens.weight", &[config.vocab_size, hidden], dtype)?)?;
+        matrix_bytes += bytes;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            progress(i, config.num_hidden_layers);
+            let p = format!("model.layers.{i}");
+            let qkv = concat_rows(vec![
+                load_checked(source, &format!("{p}.self_attn.q_proj.weight"), &[q_dim, hidden], dtype)?,
+                load_checked(source, &format!("{p}.self_attn.k_proj.weight"), &[kv_dim, hidden], dtype)?,
+                load_checked(source, &format!("{p}.self_attn.v_proj.weight"), &[kv_dim, hidden], dtype)?,
+            ])?;
+            let qkv_bias = if config.attention_bias {
+                let values = concat_vectors(vec![
+                    load_checked(source, &format!("{p}.self_attn.q_proj.bias"), &[q_dim], DType::F32)?,
+                    load_checked(source, &format!("{p}.self_attn.k_proj.bias"), &[kv_dim], DType::F32)?,
+                    load_checked(source, &format!("{p}.self_attn.v_proj.bias"), &[kv_dim], DType::F32)?,
+                ]);
+                let mut buffer = backend.buffer(values.len())?;
+                backend.upload(&values, &mut buffer)?;
+                Some(buffer)
+            } else {
+                None
+            };
+            let (q_norm, k_norm) = if config.qk_norm {
+                (Some(vector(&format!("{p}.self_attn.q_norm.weight"), hd)?), Some(vector(&format!("{p}.self_attn.k_norm.weight"), hd)?))
+            } else {
+                (None, None)
+            };
+            let gate_up = concat_rows(vec![
+                load_checked(source, &format!("{p}.mlp.gate_proj.weight"), &[ffn, hidden], dtype)?,
+                load_checked(source, &format!("{p}.mlp.up_proj.weight"), &[ffn, hidden], dtype)?,
+            ])?;
+            let (qkv, b1) = matrix(qkv)?;
+            let (o_proj, b2) = matrix(load_checked(source, &format!("{p}.self_attn.o_proj.weight"), &[hidden, q_dim], dtype)?)?;
+            let (gate_up, b3) = matrix(gate_up)?;
+            let (down, b4) = matrix(load_checked(source, &format!("{p}.mlp.down_proj.weight"), &[hidden, ffn], dtype)?)?;
+            matrix_bytes += b1 + b2 + b3 + b4;
+            layers.push(LayerWeights {
+                input_norm: vector(&format!("{p}.input_layernorm.weight"), hidden)?,
+                qkv,
+                qkv_bias,
+                q_norm,
+                k_norm,
+                o_proj,
+                post_attention_norm: vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+                gate_up,
+                down,
+            });
+        }
+        progress(config.num_hidden_layers, config.num_hidden_layers);
+        let final_norm = vector("model.norm.weight", hidden)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            let (m, bytes) = matrix(load_checked(source, "lm_head.weight", &[config.vocab_size, hidden], dtype)?)?;
+            matrix_bytes += bytes;
+            Some(m)
+        };
+        Ok(ModelWeights { embed, layers, final_norm, lm_head, matrix_bytes, dtype })
+    }
+}

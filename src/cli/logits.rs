@@ -1,0 +1,52 @@
+//! `engram logits`: float32 logits of a prompt as .npy, for comparison with other implementations.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use engram::session::{LogitRequest, SequenceInput};
+use engram::{Session, SessionOptions};
+
+use super::{prompts, ModelArgs};
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(short, long)]
+    prompt: String,
+    #[arg(long)]
+    chat: bool,
+    #[arg(long)]
+    system: Option<String>,
+    /// Output .npy file: shape [vocab], or [tokens, vocab] with --all-positions.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[arg(long)]
+    all_positions: bool,
+}
+
+pub fn run(args: LogitsArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let ids = prompts::prompt_ids(&model, &args.prompt, args.chat, args.system.as_deref())?;
+    let mut options = SessionOptions::new(1, ids.len().min(model.config.max_position_embeddings));
+    options.max_logit_rows = if args.all_positions { options.max_batch_rows } else { 1 };
+    let mut session = Session::new(&model, options)?;
+    let request = if args.all_positions { LogitRequest::All } else { LogitRequest::Last };
+    let logits = session.step(&[SequenceInput { slot: 0, tokens: &ids, logits: request }])?.per_input.remove(0);
+    let vocab = model.config.vocab_size as u64;
+    let shape: Vec<u64> = if args.all_positions { vec![ids.len() as u64, vocab] } else { vec![vocab] };
+    write_npy_f32(&args.output, &shape, &logits)?;
+    eprintln!("wrote {} ({} tokens, shape {:?})", args.output.display(), ids.len(), shape);
+    Ok(())
+}
+
+/// Writes a little-endian float32 .npy file.
+pub fn write_npy_f32(path: &std::path::Path, shape: &[u64], data: &[f32]) -> Result<()> {
+    use npyz::WriterBuilder;
+    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut writer = npyz::WriteOptions::new().default_dtype().shape(shape).writer(std::io::BufWriter::new(file)).begin_nd()?;
+    writer.extend(data.iter().copied()).with_context(|| format!("writing {}", path.display()))?;
+    writer.finish().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

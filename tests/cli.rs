@@ -1,0 +1,93 @@
+//! The `engram` binary end to end on a tiny random model: generate (text, JSON, batches), logits, info.
+
+use std::process::Command;
+
+use engram::model::config::Architecture;
+use engram::model::random::{tiny_config, write_random_model};
+use engram::DType;
+
+fn engram() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_engram"))
+}
+
+fn tiny_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &tiny_config(Architecture::Llama), DType::BF16, 21).unwrap();
+    dir
+}
+
+fn run_ok(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    assert!(out.status.success(), "command failed\nstdout: {stdout}\nstderr: {stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn generate_json_reports_ids_text_and_speeds() {
+    let dir = tiny_model();
+    let (stdout, stderr) = run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "Hello", "--chat", "--system", "Be brief.", "-n", "6", "--ignore-eos", "--json", "--threads", "2"]));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let prompt_ids: Vec<u64> = v["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    // ChatML: <|im_start|> (257) opens the system turn, and the prompt ends with "assistant\n".
+    assert_eq!(prompt_ids[0], 257);
+    assert_eq!(*prompt_ids.last().unwrap(), b'\n' as u64);
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 6);
+    assert_eq!(v["finish_reason"], "length");
+    assert!(v["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(stderr.contains("decode:"), "{stderr}");
+}
+
+#[test]
+fn a_prompts_file_runs_as_one_batch_and_matches_single_runs() {
+    let dir = tiny_model();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "\"The cat\"\n{\"prompt\": \"A much longer prompt here\", \"max_tokens\": 3}\n").unwrap();
+    let (stdout, _) = run_ok(engram().args(["generate", "-m"]).arg(dir.path()).arg("--prompts").arg(&prompts).args(["-n", "5", "--ignore-eos", "--json"]));
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["generated_ids"].as_array().unwrap().len(), 3);
+    let (single, _) = run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "The cat", "-n", "5", "--ignore-eos", "--json"]));
+    let single: serde_json::Value = serde_json::from_str(single.trim()).unwrap();
+    assert_eq!(single["generated_ids"], lines[0]["generated_ids"]);
+}
+
+#[test]
+fn a_malformed_prompts_line_is_named() {
+    let dir = tiny_model();
+    let prompts = dir.path().join("bad.jsonl");
+    std::fs::write(&prompts, "\"ok\"\n{not json\n").unwrap();
+    let out = engram().args(["generate", "-m"]).arg(dir.path()).arg("--prompts").arg(&prompts).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("bad.jsonl:2"), "{stderr}");
+}
+
+#[test]
+fn an_over_long_prompt_is_an_error_not_a_panic() {
+    let dir = tiny_model();
+    let long = "x".repeat(2000);
+    let out = engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", &long, "-n", "4"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("maximum") || stderr.contains("context"), "{stderr}");
+}
+
+#[test]
+fn logits_are_written_as_npy_with_the_right_shape() {
+    let dir = tiny_model();
+    let out = dir.path().join("logits.npy");
+    run_ok(engram().args(["logits", "-m"]).arg(dir.path()).args(["-p", "abc", "--all-positions", "-o"]).arg(&out));
+    let bytes = std::fs::read(&out).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    assert_eq!(npy.shape(), &[3, 259]);
+    let values: Vec<f32> = npy.into_vec().unwrap();
+    assert!(values.iter().all(|v| v.is_finite()) && values.iter().any(|&v| v != values[0]));
+}
+
+#[test]
+fn info_describes_the_model() {
+    let dir = tiny_model();
+    let (stdout, _) = run_ok(engram().arg("info").arg(dir.path()));
+    assert!(stdout.contains("llama") && stdout.contains("layers         3") && stdout.contains("BF16"), "{stdout}");
+}

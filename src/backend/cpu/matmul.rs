@@ -129,30 +129,61 @@ fn gemm_any(threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f3
     }
 }
 
-/// `out[r, col_offset + j] = Σ_k x[r, k] · w[j, k]` for `j < n`, with `out` rows `out_stride` wide.
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(threads: usize, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], out_stride: usize, col_offset: usize) {
-    assert!(x.len() >= m * k && w.len() >= n * k, "gemm operands too small");
-    assert!(col_offset + n <= out_stride && out.len() >= (m - 1) * out_stride + col_offset + n, "gemm output too small");
+/// A read-only strided view of an f32 matrix: element (i, j) is `data[i*row_stride + j*col_stride]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major `rows × cols` matrix.
+    pub fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// The same data read as its transpose.
+    pub fn transposed(self) -> Self {
+        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    fn last_index(&self) -> usize {
+        (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+    }
+}
+
+/// `out = a · b` (or `out += a · b` with `accumulate`), where `out` is row-major with rows
+/// `out_stride` apart starting at `out[0]`. Empty products are a no-op.
+pub fn gemm_strided(threads: usize, a: MatRef<'_>, b: MatRef<'_>, out: &mut [f32], out_stride: usize, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm inner dimensions differ");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(a.last_index() < a.data.len() && b.last_index() < b.data.len(), "gemm operand views exceed their data");
+    assert!(n <= out_stride && (m - 1) * out_stride + n <= out.len(), "gemm output too small");
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above bound every index gemm touches: lhs is m×k row-major (row stride
-    // k), rhs[kk, j] = w[j*k + kk] (column stride k), dst[i, j] = out[i*out_stride + col_offset + j].
+    // SAFETY: the asserts above bound every index gemm reads (the views' last elements lie inside
+    // their slices) and writes (m rows of n values, out_stride apart, inside `out`).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr().add(col_offset),
+            out.as_mut_ptr(),
             1,
             out_stride as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0f32,
             1.0f32,
             false,
             false,
@@ -160,6 +191,14 @@ fn gemm_f32(threads: usize, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, 
             parallelism,
         );
     }
+}
+
+/// `out[r, col_offset + j] = Σ_k x[r, k] · w[j, k]` for `j < n`, with `out` rows `out_stride` wide.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(threads: usize, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], out_stride: usize, col_offset: usize) {
+    let a = MatRef::dense(x, m, k);
+    let b = MatRef::dense(w, n, k).transposed();
+    gemm_strided(threads, a, b, &mut out[col_offset..], out_stride, false);
 }
 
 #[cfg(test)]

@@ -1,6 +1,11 @@
 //! Model files: configuration, weights by their Hugging Face names (safetensors or GGUF), tokenizer, chat template.
 
 pub mod config;
+pub mod convert;
+pub mod gguf;
+pub mod gguf_model;
+pub mod gguf_tokenizer;
+pub mod quant;
 
 use crate::error::Result;
 use crate::tensor::{DType, HostTensor};

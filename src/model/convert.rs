@@ -1,0 +1,1 @@
+//! Converting a GGUF model file into a Hugging Face model directory.

@@ -1,0 +1,1 @@
+//! GGUF tokenizer metadata as Hugging Face tokenizer.json / tokenizer_config.json.

@@ -426,7 +426,9 @@ impl<'a> Cursor<'a> {
         macro_rules! fixed {
             ($variant:ident, $t:ty, $size:expr) => {{
                 let bytes = self.take((n * $size) as u64, &what)?;
-                GgufArray::$variant(bytes.chunks_exact($size).map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or_default())).collect())
+                GgufArray::$variant(
+                    bytes.chunks_exact($size).map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or_default())).collect(),
+                )
             }};
         }
         Ok(match ty {
@@ -553,10 +555,7 @@ impl GgufFile {
             let type_id = c.u32(&format!("type of tensor '{name}'"))?;
             let offset = c.u64(&format!("offset of tensor '{name}'"))?;
             let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-                Error::Unsupported(format!(
-                    "{}: tensor '{name}' has unknown ggml type id {type_id}",
-                    path.display()
-                ))
+                Error::Unsupported(format!("{}: tensor '{name}' has unknown ggml type id {type_id}", path.display()))
             })?;
             let n_elements = dims
                 .iter()
@@ -564,7 +563,7 @@ impl GgufFile {
                 .filter(|&n| n <= i64::MAX as u64)
                 .ok_or_else(|| c.err(format!("tensor '{name}' has absurd dimensions {dims:?}")))?;
             let row = dims.first().copied().unwrap_or(1);
-            if row % ggml_type.block_size() as u64 != 0 {
+            if !row.is_multiple_of(ggml_type.block_size() as u64) {
                 return Err(c.err(format!(
                     "tensor '{name}': row length {row} is not a multiple of the {} block size {}",
                     ggml_type.name(),
@@ -574,8 +573,10 @@ impl GgufFile {
             let n_bytes = ggml_type
                 .bytes_for(n_elements)
                 .ok_or_else(|| c.err(format!("tensor '{name}' has absurd dimensions {dims:?}")))?;
-            if offset % alignment != 0 {
-                return Err(c.err(format!("tensor '{name}' offset {offset} is not a multiple of the alignment {alignment}")));
+            if !offset.is_multiple_of(alignment) {
+                return Err(
+                    c.err(format!("tensor '{name}' offset {offset} is not a multiple of the alignment {alignment}"))
+                );
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(c.err(format!("duplicate tensor name '{name}'")));
@@ -785,7 +786,10 @@ impl GgufTensorToWrite<'static> {
         let name = name.into();
         let n: usize = shape.iter().product();
         if n != values.len() {
-            return Err(Error::Shape(format!("tensor '{name}': shape {shape:?} needs {n} values, got {}", values.len())));
+            return Err(Error::Shape(format!(
+                "tensor '{name}': shape {shape:?} needs {n} values, got {}",
+                values.len()
+            )));
         }
         let data = quant::quantize(ggml_type, values).map_err(|e| Error::Shape(format!("tensor '{name}': {e}")))?;
         Ok(GgufTensorToWrite { name, shape, ggml_type, data: Cow::Owned(data) })
@@ -871,11 +875,14 @@ pub fn encode_gguf(metadata: &[(String, GgufValue)], tensors: &[GgufTensorToWrit
             return Err(Error::InvalidInput(format!("GGUF writer: duplicate tensor name '{}'", t.name)));
         }
         if t.shape.len() > GGUF_MAX_DIMS {
-            return Err(Error::Shape(format!("GGUF writer: tensor '{}' has more than {GGUF_MAX_DIMS} dimensions", t.name)));
+            return Err(Error::Shape(format!(
+                "GGUF writer: tensor '{}' has more than {GGUF_MAX_DIMS} dimensions",
+                t.name
+            )));
         }
         let n: u64 = t.shape.iter().map(|&d| d as u64).product();
         let inner = t.shape.last().copied().unwrap_or(1) as u64;
-        let expected = t.ggml_type.bytes_for(n).filter(|_| inner % t.ggml_type.block_size() as u64 == 0);
+        let expected = t.ggml_type.bytes_for(n).filter(|_| inner.is_multiple_of(t.ggml_type.block_size() as u64));
         if expected != Some(t.data.len() as u64) {
             return Err(Error::Shape(format!(
                 "GGUF writer: tensor '{}' of shape {:?} and type {} needs {} bytes, got {}",
@@ -920,7 +927,11 @@ pub fn encode_gguf(metadata: &[(String, GgufValue)], tensors: &[GgufTensorToWrit
 }
 
 /// Writes a GGUF v3 file (see [`encode_gguf`]).
-pub fn write_gguf(path: impl AsRef<Path>, metadata: &[(String, GgufValue)], tensors: &[GgufTensorToWrite<'_>]) -> Result<()> {
+pub fn write_gguf(
+    path: impl AsRef<Path>,
+    metadata: &[(String, GgufValue)],
+    tensors: &[GgufTensorToWrite<'_>],
+) -> Result<()> {
     let path = path.as_ref();
     let bytes = encode_gguf(metadata, tensors)?;
     let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
@@ -972,7 +983,10 @@ mod tests {
             kv("t.arr_empty", GgufValue::Array(GgufArray::I64(vec![]))),
             kv(
                 "t.nested",
-                GgufValue::Array(GgufArray::Array(vec![GgufArray::U8(vec![1, 2]), GgufArray::String(vec!["x".into()])])),
+                GgufValue::Array(GgufArray::Array(vec![
+                    GgufArray::U8(vec![1, 2]),
+                    GgufArray::String(vec!["x".into()]),
+                ])),
             ),
         ]
     }
@@ -1048,9 +1062,19 @@ mod tests {
 
     #[test]
     fn writer_rejects_inconsistent_tensors() {
-        let bad_len = GgufTensorToWrite { name: "x".into(), shape: vec![2, 32], ggml_type: GgmlType::Q8_0, data: Cow::Owned(vec![0; 34]) };
+        let bad_len = GgufTensorToWrite {
+            name: "x".into(),
+            shape: vec![2, 32],
+            ggml_type: GgmlType::Q8_0,
+            data: Cow::Owned(vec![0; 34]),
+        };
         assert!(matches!(encode_gguf(&[], &[bad_len]), Err(Error::Shape(_))));
-        let bad_row = GgufTensorToWrite { name: "x".into(), shape: vec![32, 2], ggml_type: GgmlType::Q8_0, data: Cow::Owned(vec![0; 68]) };
+        let bad_row = GgufTensorToWrite {
+            name: "x".into(),
+            shape: vec![32, 2],
+            ggml_type: GgmlType::Q8_0,
+            data: Cow::Owned(vec![0; 68]),
+        };
         assert!(matches!(encode_gguf(&[], &[bad_row]), Err(Error::Shape(_))));
         let t = GgufTensorToWrite::from_f32("x", vec![4], GgmlType::F32, &[1.0; 4]).unwrap();
         assert!(matches!(encode_gguf(&[], &[t.clone(), t]), Err(Error::InvalidInput(_))));
@@ -1087,10 +1111,15 @@ mod tests {
             let expected = &reference[name];
             let info = f.tensor_info(name).unwrap();
             assert_eq!(info.ggml_type.name(), expected["type"].as_str().unwrap());
-            let shape: Vec<usize> = expected["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let shape: Vec<usize> =
+                expected["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
             assert_eq!(info.shape(), shape, "{name}");
             let values = f.dequantize_to_f32(name).unwrap();
-            assert_eq!(fnv1a64(&values), expected["fnv1a64"].as_str().unwrap(), "{name} dequantized differently from gguf-py");
+            assert_eq!(
+                fnv1a64(&values),
+                expected["fnv1a64"].as_str().unwrap(),
+                "{name} dequantized differently from gguf-py"
+            );
             let src = f.dequantize_to_f32(&format!("{name}.src")).unwrap();
             let ours = quant::quantize(info.ggml_type, &src).unwrap();
             assert_eq!(ours.as_slice(), f.tensor_data(name).unwrap(), "{name} quantized differently from gguf-py");
@@ -1152,7 +1181,8 @@ mod tests {
         let data_end = f.tensors().iter().map(|t| f.data_offset() + t.offset + t.n_bytes).max().unwrap() as usize;
         let path = dir.path().join("cut.gguf");
         // Every cut inside the header, and a spread of cuts inside the tensor data.
-        let cuts: Vec<usize> = (0..f.data_offset() as usize).chain((f.data_offset() as usize..data_end).step_by(7)).collect();
+        let cuts: Vec<usize> =
+            (0..f.data_offset() as usize).chain((f.data_offset() as usize..data_end).step_by(7)).collect();
         for cut in cuts {
             std::fs::write(&path, &full[..cut]).unwrap();
             let needle = if cut == 0 { "empty" } else { "truncated" };
@@ -1189,7 +1219,9 @@ mod tests {
         let path = dir.path().join("bad.gguf");
         // "b.q8" has 2 dims: name, n_dims (4), 2 dims (16), type (4), offset.
         let offset_at = info_pos(&full, "b.q8") + 4 + 16 + 4;
-        for (offset, needle) in [(1u64 << 40, "past the end"), (u64::MAX - 31, "past the end"), (8, "not a multiple of the alignment")] {
+        for (offset, needle) in
+            [(1u64 << 40, "past the end"), (u64::MAX - 31, "past the end"), (8, "not a multiple of the alignment")]
+        {
             let mut b = full.clone();
             b[offset_at..offset_at + 8].copy_from_slice(&offset.to_le_bytes());
             std::fs::write(&path, &b).unwrap();
@@ -1208,7 +1240,10 @@ mod tests {
         std::fs::write(&path, &b).unwrap();
         match GgufFile::open(&path) {
             Err(Error::Unsupported(msg)) => {
-                assert!(msg.contains(&path.display().to_string()) && msg.contains("c.q4_0") && msg.contains("99"), "{msg}")
+                assert!(
+                    msg.contains(&path.display().to_string()) && msg.contains("c.q4_0") && msg.contains("99"),
+                    "{msg}"
+                )
             }
             other => panic!("expected Unsupported, got {other:?}"),
         }
@@ -1220,12 +1255,19 @@ mod tests {
         b[info + 4 + 16..info + 4 + 16 + 4].copy_from_slice(&GgmlType::Q4_K.id().to_le_bytes());
         std::fs::write(&path, &b).unwrap();
         assert_format_error(GgufFile::open(&path), &path, "block size");
-        let q4k = GgufTensorToWrite { name: "k".into(), shape: vec![1, 256], ggml_type: GgmlType::Q4_K, data: Cow::Owned(vec![0; 144]) };
+        let q4k = GgufTensorToWrite {
+            name: "k".into(),
+            shape: vec![1, 256],
+            ggml_type: GgmlType::Q4_K,
+            data: Cow::Owned(vec![0; 144]),
+        };
         write_gguf(&path, &[], &[q4k]).unwrap();
         let f = GgufFile::open(&path).unwrap();
         assert_eq!(f.tensor_data("k").unwrap().len(), 144);
         match f.dequantize_to_f32("k") {
-            Err(Error::Unsupported(msg)) => assert!(msg.contains("Q4_K") && msg.contains("'k'") && msg.contains("bad.gguf"), "{msg}"),
+            Err(Error::Unsupported(msg)) => {
+                assert!(msg.contains("Q4_K") && msg.contains("'k'") && msg.contains("bad.gguf"), "{msg}")
+            }
             other => panic!("expected Unsupported, got {other:?}"),
         }
     }

@@ -93,7 +93,10 @@ pub fn model_config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     let intermediate_size = usize_of("feed_forward_length")?;
     let num_attention_heads = usize_of("attention.head_count")?;
     if hidden_size == 0 || num_hidden_layers == 0 || num_attention_heads == 0 {
-        return Err(Error::format(file.path(), "embedding_length, block_count and attention.head_count must be positive"));
+        return Err(Error::format(
+            file.path(),
+            "embedding_length, block_count and attention.head_count must be positive",
+        ));
     }
     let num_key_value_heads = opt_usize("attention.head_count_kv")?.unwrap_or(num_attention_heads);
     let head_dim = opt_usize("attention.key_length")?.unwrap_or(hidden_size / num_attention_heads);
@@ -101,9 +104,14 @@ pub fn model_config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         Some(v) => v,
         None => match file.get_array("tokenizer.ggml.tokens")? {
             Some(tokens) => tokens.len(),
-            None => file.tensor_info("token_embd.weight").and_then(|t| t.shape().first().copied()).ok_or_else(|| {
-                Error::format(file.path(), "cannot tell the vocabulary size: no vocab_size, token list or token_embd.weight")
-            })?,
+            None => {
+                file.tensor_info("token_embd.weight").and_then(|t| t.shape().first().copied()).ok_or_else(|| {
+                    Error::format(
+                        file.path(),
+                        "cannot tell the vocabulary size: no vocab_size, token list or token_embd.weight",
+                    )
+                })?
+            }
         },
     };
     let mut eos_token_ids = Vec::new();
@@ -144,7 +152,7 @@ pub fn model_config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
 /// of the two rotary halves interleaved (row 2i+j of the head holds Hugging Face row
 /// j*head_dim/2 + i). `row_len` is the number of items per row (elements or bytes).
 pub fn unpermute_qk_rows<T: Copy>(data: &[T], n_rows: usize, row_len: usize, n_heads: usize) -> Result<Vec<T>> {
-    if n_heads == 0 || n_rows % (2 * n_heads) != 0 || data.len() != n_rows * row_len {
+    if n_heads == 0 || !n_rows.is_multiple_of(2 * n_heads) || data.len() != n_rows * row_len {
         return Err(Error::Shape(format!(
             "cannot un-permute {n_rows} rows of {row_len} (data length {}) over {n_heads} heads",
             data.len()
@@ -194,11 +202,8 @@ impl GgufModelSource {
     /// Wraps an already opened file.
     pub fn from_file(file: Arc<GgufFile>) -> Result<Self> {
         let config = model_config_from_gguf(&file)?;
-        let names = file
-            .tensors()
-            .iter()
-            .filter_map(|t| gguf_to_hf_name(&t.name).map(|hf| (hf, t.name.clone())))
-            .collect();
+        let names =
+            file.tensors().iter().filter_map(|t| gguf_to_hf_name(&t.name).map(|hf| (hf, t.name.clone()))).collect();
         let permuted_qk = config.architecture == Architecture::Llama;
         Ok(GgufModelSource { file, config, names, permuted_qk })
     }
@@ -361,7 +366,10 @@ pub(crate) mod testing {
             kv("tokenizer.ggml.model", s("gpt2")),
             kv("tokenizer.ggml.tokens", GgufValue::Array(GgufArray::String(tokens))),
             kv("tokenizer.ggml.token_type", GgufValue::Array(GgufArray::I32(types))),
-            kv("tokenizer.ggml.merges", GgufValue::Array(GgufArray::String(TINY_MERGES.iter().map(|m| m.to_string()).collect()))),
+            kv(
+                "tokenizer.ggml.merges",
+                GgufValue::Array(GgufArray::String(TINY_MERGES.iter().map(|m| m.to_string()).collect())),
+            ),
             kv("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
             kv("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
             kv("tokenizer.ggml.unknown_token_id", GgufValue::U32(0)),
@@ -456,8 +464,20 @@ pub(crate) mod testing {
             let g = |x: &str| format!("blk.{l}.{x}");
             let h = |x: &str| format!("model.layers.{l}.{x}");
             add(&g("attn_norm.weight"), &h("input_layernorm.weight"), vec![hidden], GgmlType::F32, None);
-            add(&g("attn_q.weight"), &h("self_attn.q_proj.weight"), vec![heads * 16, hidden], GgmlType::Q4_1, Some(heads));
-            add(&g("attn_k.weight"), &h("self_attn.k_proj.weight"), vec![kv_heads * 16, hidden], GgmlType::Q4_0, Some(kv_heads));
+            add(
+                &g("attn_q.weight"),
+                &h("self_attn.q_proj.weight"),
+                vec![heads * 16, hidden],
+                GgmlType::Q4_1,
+                Some(heads),
+            );
+            add(
+                &g("attn_k.weight"),
+                &h("self_attn.k_proj.weight"),
+                vec![kv_heads * 16, hidden],
+                GgmlType::Q4_0,
+                Some(kv_heads),
+            );
             add(&g("attn_v.weight"), &h("self_attn.v_proj.weight"), vec![kv_heads * 16, hidden], GgmlType::F16, None);
             if bias {
                 add(&g("attn_q.bias"), &h("self_attn.q_proj.bias"), vec![heads * 16], GgmlType::F32, Some(heads));
@@ -468,7 +488,13 @@ pub(crate) mod testing {
                 add(&g("attn_q_norm.weight"), &h("self_attn.q_norm.weight"), vec![16], GgmlType::F32, None);
                 add(&g("attn_k_norm.weight"), &h("self_attn.k_norm.weight"), vec![16], GgmlType::F32, None);
             }
-            add(&g("attn_output.weight"), &h("self_attn.o_proj.weight"), vec![hidden, heads * 16], GgmlType::BF16, None);
+            add(
+                &g("attn_output.weight"),
+                &h("self_attn.o_proj.weight"),
+                vec![hidden, heads * 16],
+                GgmlType::BF16,
+                None,
+            );
             add(&g("ffn_norm.weight"), &h("post_attention_layernorm.weight"), vec![hidden], GgmlType::F32, None);
             add(&g("ffn_gate.weight"), &h("mlp.gate_proj.weight"), vec![ffn, hidden], GgmlType::Q4_1, None);
             add(&g("ffn_up.weight"), &h("mlp.up_proj.weight"), vec![ffn, hidden], GgmlType::Q8_0, None);
@@ -489,7 +515,9 @@ mod tests {
     use crate::model::gguf::{write_gguf, GgufValue};
     use crate::model::quant;
 
-    fn write_tiny(dir: &Path, arch: &str, tied: bool, bias: bool) -> (std::path::PathBuf, HashMap<String, (Vec<usize>, Vec<f32>)>) {
+    type Expected = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+    fn write_tiny(dir: &Path, arch: &str, tied: bool, bias: bool) -> (std::path::PathBuf, Expected) {
         let (md, tensors, expected) = tiny_model(arch, tied, bias);
         let path = dir.join(format!("tiny-{arch}.gguf"));
         write_gguf(&path, &md, &tensors).unwrap();
@@ -529,13 +557,21 @@ mod tests {
     #[test]
     fn tiny_models_load_in_hugging_face_layout() {
         let dir = tempfile::tempdir().unwrap();
-        for (arch, tied, bias) in [("llama", true, false), ("llama", false, true), ("qwen2", false, true), ("qwen3", true, false)] {
+        for (arch, tied, bias) in
+            [("llama", true, false), ("llama", false, true), ("qwen2", false, true), ("qwen3", true, false)]
+        {
             let (path, expected) = write_tiny(dir.path(), arch, tied, bias);
             let src = GgufModelSource::open(&path).unwrap();
             let c = src.config();
             assert_eq!(c.architecture.model_type(), arch);
-            assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads), (64, 2, 4, 2));
-            assert_eq!((c.head_dim, c.intermediate_size, c.vocab_size, c.max_position_embeddings), (16, 96, tiny_vocab_size(), 256));
+            assert_eq!(
+                (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads),
+                (64, 2, 4, 2)
+            );
+            assert_eq!(
+                (c.head_dim, c.intermediate_size, c.vocab_size, c.max_position_embeddings),
+                (16, 96, tiny_vocab_size(), 256)
+            );
             assert_eq!((c.rope_theta, c.rms_norm_eps), (50000.0, 1e-6));
             assert_eq!(c.tie_word_embeddings, tied);
             assert_eq!(c.attention_bias, bias);
@@ -577,7 +613,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write_with(dir.path(), |md| md[0].1 = s("gpt-neox"));
         match GgufModelSource::open(&path) {
-            Err(Error::Unsupported(msg)) => assert!(msg.contains("gpt-neox") && msg.contains(&path.display().to_string()), "{msg}"),
+            Err(Error::Unsupported(msg)) => {
+                assert!(msg.contains("gpt-neox") && msg.contains(&path.display().to_string()), "{msg}")
+            }
             other => panic!("expected Unsupported, got {other:?}"),
         }
         let path = write_with(dir.path(), |md| md.retain(|(k, _)| k != "llama.embedding_length"));
@@ -630,7 +668,8 @@ mod tests {
         assert!(!src.contains("lm_head.weight"));
 
         let reference: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_reference.json")).unwrap(),
+            &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_reference.json"))
+                .unwrap(),
         )
         .unwrap();
         let mut checked = 0;
@@ -639,7 +678,8 @@ mod tests {
                 continue;
             }
             let t = src.load(name, DType::F32).unwrap();
-            let shape: Vec<usize> = expected["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let shape: Vec<usize> =
+                expected["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
             assert_eq!(t.shape, shape, "{name}");
             let values = t.to_f32_vec();
             let mut h: u64 = 0xCBF2_9CE4_8422_2325;
@@ -648,7 +688,8 @@ mod tests {
                 h = h.wrapping_mul(0x0000_0100_0000_01B3);
             }
             assert_eq!(format!("{h:016x}"), expected["fnv1a64"].as_str().unwrap(), "{name} differs from the reference");
-            let first: Vec<f32> = expected["first"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let first: Vec<f32> =
+                expected["first"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
             assert_eq!(&values[..8], first.as_slice(), "{name}");
             checked += 1;
         }

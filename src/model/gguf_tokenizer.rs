@@ -26,7 +26,8 @@ pub const TOKEN_TYPE_BYTE: i64 = 6;
 /// tokenizer.json (llama.cpp runs the same expression with `(?i:...)` spelled out).
 pub const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// The pre-tokenizer of Qwen2/2.5/3 (`tokenizer.ggml.pre` = "qwen2"), as in its tokenizer.json.
-pub const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN2_SPLIT_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How a `tokenizer.ggml.pre` label splits text before BPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,12 +63,8 @@ impl PreTokenizerKind {
 
     /// The `pre_tokenizer` section of tokenizer.json.
     pub fn to_json(self) -> Value {
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
-        let split = |regex: &str| {
-            json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
-        };
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
         match self {
             PreTokenizerKind::Gpt2 => byte_level(true),
             PreTokenizerKind::DigitsThenGpt2 => json!({
@@ -148,8 +145,9 @@ fn read_vocab(file: &GgufFile) -> Result<GgufVocab<'_>> {
         }
         None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
     };
-    let pre = PreTokenizerKind::from_label(file.get_str("tokenizer.ggml.pre")?)
-        .map_err(|e| Error::Unsupported(format!("{}: {}", path.display(), e.to_string().trim_start_matches("unsupported: "))))?;
+    let pre = PreTokenizerKind::from_label(file.get_str("tokenizer.ggml.pre")?).map_err(|e| {
+        Error::Unsupported(format!("{}: {}", path.display(), e.to_string().trim_start_matches("unsupported: ")))
+    })?;
     let id = |key: &str| -> Result<Option<u32>> {
         match file.get_u32(key)? {
             Some(id) if id as usize >= tokens.len() => {
@@ -201,7 +199,12 @@ pub fn tokenizer_json_from_gguf(file: &GgufFile) -> Result<Value> {
         let split = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(at, _)| at);
         match split {
             Some(at) => merges.push(json!([&m[..at], &m[at + 1..]])),
-            None => return Err(Error::format(path, format!("tokenizer merge {i} ({m:?}) is not two tokens separated by a space"))),
+            None => {
+                return Err(Error::format(
+                    path,
+                    format!("tokenizer merge {i} ({m:?}) is not two tokens separated by a space"),
+                ))
+            }
         }
     }
     let added_tokens: Vec<Value> = v
@@ -222,7 +225,8 @@ pub fn tokenizer_json_from_gguf(file: &GgufFile) -> Result<Value> {
         })
         .collect();
 
-    let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+    let byte_level_post =
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
     let post_processor = if (v.add_bos && v.bos.is_some()) || (v.add_eos && v.eos.is_some()) {
         let bos = v.bos.filter(|_| v.add_bos).map(|id| (id, token_text(v.tokens, id as usize)));
         let eos = v.eos.filter(|_| v.add_eos).map(|id| (id, token_text(v.tokens, id as usize)));
@@ -389,15 +393,23 @@ mod tests {
         // Qwen2 splits digits; Llama 3 groups up to three.
         let tok = tokenizer_from_gguf(&tiny_file(Some("qwen2"), |_| {})).unwrap();
         assert_eq!(ids(&tok, "a12 hello", false)[..3], [B + b'a' as u32, B + b'1' as u32, B + b'2' as u32]);
-        let tok = tokenizer_from_gguf(&tiny_file(Some("llama-bpe"), |md| set(md, "tokenizer.ggml.add_bos_token", GgufValue::Bool(true)))).unwrap();
+        let tok = tokenizer_from_gguf(&tiny_file(Some("llama-bpe"), |md| {
+            set(md, "tokenizer.ggml.add_bos_token", GgufValue::Bool(true))
+        }))
+        .unwrap();
         assert_eq!(ids(&tok, "a12", true), vec![1, B + b'a' as u32, B + 256 + 6]);
         assert_eq!(ids(&tok, "a12", false), vec![B + b'a' as u32, B + 256 + 6]);
         // Without add_bos_token, llama3 defaults to adding BOS as llama.cpp does.
-        let tok = tokenizer_from_gguf(&tiny_file(Some("llama3"), |md| md.retain(|(k, _)| k != "tokenizer.ggml.add_bos_token"))).unwrap();
+        let tok = tokenizer_from_gguf(&tiny_file(Some("llama3"), |md| {
+            md.retain(|(k, _)| k != "tokenizer.ggml.add_bos_token")
+        }))
+        .unwrap();
         assert_eq!(ids(&tok, "hello", true), vec![1, B + 256 + 2, B + b'o' as u32]);
 
         match tokenizer_from_gguf(&tiny_file(Some("deepseek-coder"), |_| {})) {
-            Err(Error::Unsupported(msg)) => assert!(msg.contains("deepseek-coder") && msg.contains("tiny-tok.gguf"), "{msg}"),
+            Err(Error::Unsupported(msg)) => {
+                assert!(msg.contains("deepseek-coder") && msg.contains("tiny-tok.gguf"), "{msg}")
+            }
             other => panic!("expected Unsupported, got {other:?}"),
         }
     }
@@ -432,26 +444,56 @@ mod tests {
 
     #[test]
     fn missing_or_unsupported_tokenizer_metadata() {
-        expect_error(tiny_file(None, |md| md.retain(|(k, _)| !k.starts_with("tokenizer."))), false, "tokenizer.ggml.model");
-        expect_error(tiny_file(None, |md| md.retain(|(k, _)| k != "tokenizer.ggml.tokens")), false, "tokenizer.ggml.tokens");
-        expect_error(tiny_file(None, |md| md.retain(|(k, _)| k != "tokenizer.ggml.merges")), false, "tokenizer.ggml.merges");
+        expect_error(
+            tiny_file(None, |md| md.retain(|(k, _)| !k.starts_with("tokenizer."))),
+            false,
+            "tokenizer.ggml.model",
+        );
+        expect_error(
+            tiny_file(None, |md| md.retain(|(k, _)| k != "tokenizer.ggml.tokens")),
+            false,
+            "tokenizer.ggml.tokens",
+        );
+        expect_error(
+            tiny_file(None, |md| md.retain(|(k, _)| k != "tokenizer.ggml.merges")),
+            false,
+            "tokenizer.ggml.merges",
+        );
         expect_error(tiny_file(None, |md| set(md, "tokenizer.ggml.model", s("llama"))), true, "Hugging Face directory");
         expect_error(tiny_file(None, |md| set(md, "tokenizer.ggml.model", s("bert"))), true, "bert");
         expect_error(tiny_file(Some("chameleon"), |_| {}), true, "chameleon");
-        expect_error(tiny_file(None, |md| set(md, "tokenizer.ggml.bos_token_id", GgufValue::U32(100_000))), false, "outside the vocabulary");
         expect_error(
-            tiny_file(None, |md| set(md, "tokenizer.ggml.token_type", GgufValue::Array(crate::model::gguf::GgufArray::I32(vec![1; 3])))),
+            tiny_file(None, |md| set(md, "tokenizer.ggml.bos_token_id", GgufValue::U32(100_000))),
+            false,
+            "outside the vocabulary",
+        );
+        expect_error(
+            tiny_file(None, |md| {
+                set(md, "tokenizer.ggml.token_type", GgufValue::Array(crate::model::gguf::GgufArray::I32(vec![1; 3])))
+            }),
             false,
             "token_type",
         );
-        expect_error(tiny_file(None, |md| set(md, "tokenizer.ggml.tokens", s("not an array"))), false, "tokenizer.ggml.tokens");
+        expect_error(
+            tiny_file(None, |md| set(md, "tokenizer.ggml.tokens", s("not an array"))),
+            false,
+            "tokenizer.ggml.tokens",
+        );
         let f = tiny_file(None, |md| {
-            set(md, "tokenizer.ggml.merges", GgufValue::Array(crate::model::gguf::GgufArray::String(vec!["nospace".into()])))
+            set(
+                md,
+                "tokenizer.ggml.merges",
+                GgufValue::Array(crate::model::gguf::GgufArray::String(vec!["nospace".into()])),
+            )
         });
         assert!(matches!(tokenizer_json_from_gguf(&f), Err(Error::Format { .. })));
         // A merge whose parts are not tokens: the built tokenizer does not load.
         let f = tiny_file(None, |md| {
-            set(md, "tokenizer.ggml.merges", GgufValue::Array(crate::model::gguf::GgufArray::String(vec!["zz qq".into()])))
+            set(
+                md,
+                "tokenizer.ggml.merges",
+                GgufValue::Array(crate::model::gguf::GgufArray::String(vec!["zz qq".into()])),
+            )
         });
         match tokenizer_from_gguf(&f) {
             Err(e @ Error::Format { .. }) => assert!(e.to_string().contains("tiny-tok.gguf")),
@@ -474,14 +516,18 @@ mod tests {
         let f = GgufFile::open(&path).unwrap();
         let tok = tokenizer_from_gguf(&f).unwrap();
         let fixture: Value = serde_json::from_str(
-            &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_smollm2.json")).unwrap(),
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_smollm2.json"),
+            )
+            .unwrap(),
         )
         .unwrap();
         let cases = fixture["cases"].as_array().unwrap();
         assert!(cases.len() >= 10);
         for case in cases {
             let text = case["text"].as_str().unwrap();
-            let expected: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let expected: Vec<u32> =
+                case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             assert_eq!(ids(&tok, text, false), expected, "{text:?}");
             // add_bos_token is false for SmolLM2, so special-token handling adds nothing.
             assert_eq!(ids(&tok, text, true), expected, "{text:?}");

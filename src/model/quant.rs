@@ -169,14 +169,17 @@ impl GgmlType {
 
     /// Whether [`dequantize`] and the writer support this type.
     pub fn can_dequantize(self) -> bool {
-        matches!(self, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+        matches!(
+            self,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1
+        )
     }
 
     /// Bytes needed for `n_elements` elements, or `None` if `n_elements` is not a multiple of the
     /// block size or the size overflows.
     pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if n_elements % bs != 0 {
+        if !n_elements.is_multiple_of(bs) {
             return None;
         }
         (n_elements / bs).checked_mul(self.type_size() as u64)
@@ -193,7 +196,7 @@ impl std::fmt::Display for GgmlType {
 /// otherwise. Fails if the length is not a whole number of blocks.
 pub fn blocks_from_bytes<B: Pod>(bytes: &[u8]) -> Result<Cow<'_, [B]>> {
     let size = std::mem::size_of::<B>();
-    if size == 0 || bytes.len() % size != 0 {
+    if size == 0 || !bytes.len().is_multiple_of(size) {
         return Err(Error::Shape(format!("{} bytes is not a whole number of {size}-byte blocks", bytes.len())));
     }
     match bytemuck::try_cast_slice::<u8, B>(bytes) {
@@ -227,8 +230,12 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
     let mut out = Vec::with_capacity(n_elements);
     match ty {
         GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
-        GgmlType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
+        GgmlType::F16 => {
+            out.extend(bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
+        }
+        GgmlType::BF16 => {
+            out.extend(bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
+        }
         GgmlType::Q8_0 => {
             for b in bytes.chunks_exact(BLOCK_Q8_0_BYTES) {
                 let d = f16_at(b, 0);
@@ -258,7 +265,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
 }
 
 fn check_whole_blocks(what: &str, len: usize) -> Result<()> {
-    if len % QK != 0 {
+    if !len.is_multiple_of(QK) {
         return Err(Error::Shape(format!("{what}: {len} values is not a multiple of the block size {QK}")));
     }
     Ok(())
@@ -342,7 +349,9 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
         GgmlType::Q8_0 => bytemuck::cast_slice(&quantize_q8_0(values)?).to_vec(),
         GgmlType::Q4_0 => bytemuck::cast_slice(&quantize_q4_0(values)?).to_vec(),
         GgmlType::Q4_1 => bytemuck::cast_slice(&quantize_q4_1(values)?).to_vec(),
-        other => return Err(Error::Unsupported(format!("quantizing to ggml type {} (id {})", other.name(), other.id()))),
+        other => {
+            return Err(Error::Unsupported(format!("quantizing to ggml type {} (id {})", other.name(), other.id())))
+        }
     })
 }
 

@@ -136,6 +136,7 @@ impl GgufArray {
         }
     }
 
+    /// Whether the array has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -218,6 +219,7 @@ impl GgufValue {
         }
     }
 
+    /// The string, if this is a string value.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             GgufValue::String(s) => Some(s),
@@ -225,6 +227,7 @@ impl GgufValue {
         }
     }
 
+    /// The array, if this is an array value.
     pub fn as_array(&self) -> Option<&GgufArray> {
         match self {
             GgufValue::Array(a) => Some(a),
@@ -244,13 +247,17 @@ impl GgufValue {
 /// Where one tensor lives in a GGUF file and what it holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufTensorInfo {
+    /// The GGUF name (`blk.0.attn_q.weight`).
     pub name: String,
     /// Dimensions as stored (ggml `ne`, innermost first).
     pub dims: Vec<u64>,
+    /// How the data is encoded.
     pub ggml_type: GgmlType,
     /// Offset of the data from the start of the data section.
     pub offset: u64,
+    /// Number of elements (the product of `dims`).
     pub n_elements: u64,
+    /// Size of the data in bytes.
     pub n_bytes: u64,
 }
 
@@ -484,7 +491,6 @@ impl GgufFile {
         // memory-mapped model files (llama.cpp, safetensors) we rely on the file not being
         // truncated or rewritten by another process while it is open; memmap2 offers no safe
         // constructor for file-backed maps.
-        #[allow(unsafe_code)]
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Self::parse(path.to_path_buf(), Storage::Mapped(mmap))
     }
@@ -774,9 +780,13 @@ impl GgufFile {
 /// A tensor to write: its name, shape (outermost first, PyTorch order), type and encoded bytes.
 #[derive(Debug, Clone)]
 pub struct GgufTensorToWrite<'a> {
+    /// The GGUF name.
     pub name: String,
+    /// Shape, outermost first (written reversed, as ggml `ne`).
     pub shape: Vec<usize>,
+    /// How `data` is encoded.
     pub ggml_type: GgmlType,
+    /// The encoded bytes (see [`quant::quantize`]).
     pub data: Cow<'a, [u8]>,
 }
 
@@ -1042,6 +1052,36 @@ mod tests {
             assert_eq!(f.dequantize_to_f32(&t.name).unwrap(), expected);
         }
         assert!(matches!(f.tensor_data("nope"), Err(Error::InvalidInput(_))));
+    }
+
+    /// llama.cpp's control-vector layout: F32 1-D `direction.{i}` tensors, layers 1-based. Set
+    /// ENGRAM_KEEP_CONTROL_VECTOR=path to keep the file (e.g. to read it with gguf-py).
+    #[test]
+    fn control_vector_layout_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cv.gguf");
+        let md = vec![
+            kv("general.architecture", GgufValue::String("controlvector".into())),
+            kv("controlvector.model_hint", GgufValue::String("llama".into())),
+            kv("controlvector.layer_count", GgufValue::U32(3)),
+        ];
+        let tensors: Vec<_> = (1..=3)
+            .map(|i| {
+                GgufTensorToWrite::from_f32(format!("direction.{i}"), vec![10], GgmlType::F32, &values(10, i)).unwrap()
+            })
+            .collect();
+        write_gguf(&path, &md, &tensors).unwrap();
+        if let Ok(copy) = std::env::var("ENGRAM_KEEP_CONTROL_VECTOR") {
+            std::fs::copy(&path, copy).unwrap();
+        }
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.get_str("general.architecture").unwrap(), Some("controlvector"));
+        assert_eq!(f.get_u32("controlvector.layer_count").unwrap(), Some(3));
+        for i in 1..=3u32 {
+            let info = f.tensor_info(&format!("direction.{i}")).unwrap();
+            assert_eq!((info.dims.as_slice(), info.ggml_type), (&[10u64][..], GgmlType::F32));
+            assert_eq!(f.dequantize_to_f32(&info.name).unwrap(), values(10, i));
+        }
     }
 
     #[test]
@@ -1344,6 +1384,34 @@ mod tests {
 
         let md = vec![kv("a", GgufValue::U8(1)), kv("a", GgufValue::U8(2))];
         assert!(encode_gguf(&md, &[]).is_err());
+    }
+
+    /// Random corruption of header bytes never panics: the file either opens (and every tensor
+    /// then decodes or reports an error) or gives an error naming the file.
+    #[test]
+    fn random_corruption_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let full = std::fs::read(write_sample(dir.path())).unwrap();
+        let header_len = GgufFile::from_bytes("x", full.clone()).unwrap().data_offset() as usize;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..3000 {
+            let mut b = full.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..header_len);
+                b[at] = rng.random();
+            }
+            match GgufFile::from_bytes("fuzz.gguf", b) {
+                Ok(f) => {
+                    for t in f.tensors().to_vec() {
+                        let _ = f.dequantize_to_f32(&t.name);
+                    }
+                }
+                Err(Error::Format { path, .. }) => assert_eq!(path, Path::new("fuzz.gguf")),
+                Err(Error::Unsupported(msg)) => assert!(msg.contains("fuzz.gguf"), "{msg}"),
+                Err(other) => panic!("unexpected error kind: {other:?}"),
+            }
+        }
     }
 
     #[test]

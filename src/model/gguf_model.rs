@@ -176,9 +176,11 @@ pub fn unpermute_qk_rows<T: Copy>(data: &[T], n_rows: usize, row_len: usize, n_h
 /// computes on quantized blocks directly.
 #[derive(Debug, Clone)]
 pub struct RawTensor<'a> {
+    /// How `data` is encoded.
     pub ggml_type: GgmlType,
     /// Outermost first.
     pub shape: Vec<usize>,
+    /// The encoded rows (whole blocks per row), in Hugging Face row order.
     pub data: Cow<'a, [u8]>,
 }
 

@@ -15,11 +15,17 @@ use crate::error::{Error, Result};
 use crate::model::gguf::GgufFile;
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
+/// An ordinary vocabulary token.
 pub const TOKEN_TYPE_NORMAL: i64 = 1;
+/// The unknown token.
 pub const TOKEN_TYPE_UNKNOWN: i64 = 2;
+/// A control token (BOS, EOS, `<|im_start|>`): special, never produced from text by BPE.
 pub const TOKEN_TYPE_CONTROL: i64 = 3;
+/// A user-defined token, matched whole in text.
 pub const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+/// A reserved, unused slot.
 pub const TOKEN_TYPE_UNUSED: i64 = 5;
+/// A byte-fallback token (`<0x0A>`), SentencePiece vocabularies only.
 pub const TOKEN_TYPE_BYTE: i64 = 6;
 
 /// The pre-tokenizer of Llama 3 (`tokenizer.ggml.pre` = "llama-bpe", "llama3", ...), as in its

@@ -20,7 +20,9 @@ pub const QK: usize = 32;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
 pub struct BlockQ8_0 {
+    /// Scale.
     pub d: f16,
+    /// Quantized values, element order.
     pub qs: [i8; QK],
 }
 
@@ -29,7 +31,9 @@ pub struct BlockQ8_0 {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
 pub struct BlockQ4_0 {
+    /// Scale.
     pub d: f16,
+    /// Nibbles: low = element j, high = element j + 16.
     pub qs: [u8; QK / 2],
 }
 
@@ -38,8 +42,11 @@ pub struct BlockQ4_0 {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
 pub struct BlockQ4_1 {
+    /// Scale.
     pub d: f16,
+    /// Minimum (offset).
     pub m: f16,
+    /// Nibbles: low = element j, high = element j + 16.
     pub qs: [u8; QK / 2],
 }
 

@@ -2,6 +2,11 @@
 
 pub mod chat;
 pub mod config;
+pub mod convert;
+pub mod gguf;
+pub mod gguf_model;
+pub mod gguf_tokenizer;
+pub mod quant;
 pub mod random;
 pub mod safetensors;
 pub mod tokenizer;
@@ -103,7 +108,18 @@ impl ModelFiles {
     }
 
     fn open_gguf(path: &std::path::Path) -> Result<Self> {
-        Err(crate::Error::Unsupported(format!("{}: GGUF support is being merged", path.display())))
+        let source = gguf_model::GgufModelSource::open(path)?;
+        let config = source.config().clone();
+        let file = source.file();
+        let tokenizer_json = gguf_tokenizer::tokenizer_json_from_gguf(file)?;
+        let tokenizer_config = gguf_tokenizer::tokenizer_config_from_gguf(file)?;
+        let tokenizer = tokenizer::TextTokenizer::from_json(&tokenizer_json.to_string(), Some(&tokenizer_config), path)?;
+        let chat_template = tokenizer_config
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .map(|source| chat::ChatTemplate::new(source, tokenizer.bos_token.clone(), tokenizer.eos_token.clone()));
+        let eos_ids = config.eos_token_ids.clone();
+        Self::finish(path, ModelFormat::Gguf, config, Box::new(source), tokenizer, chat_template, eos_ids)
     }
 
     #[allow(clippy::too_many_arguments)]

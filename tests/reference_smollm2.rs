@@ -1,0 +1,150 @@
+//! The default model against fixtures made by tools/make_reference.py (transformers on the same
+//! GGUF weights, llama.cpp token ids): tokenization, chat rendering, last-position logits and
+//! greedy continuations, with f32 and bf16 weights.
+//!
+//! Skipped with a printed reason when models/ lacks the model, unless ENGRAM_REQUIRE_MODEL=1
+//! (set by .ci/run), which turns the absence into a failure.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use engram::backend::cpu::CpuBackend;
+use engram::generate::{self, GenerationRequest, SamplingParams, StopParams};
+use engram::model::chat::ChatMessage;
+use engram::model::ModelFiles;
+use engram::session::{LogitRequest, SequenceInput};
+use engram::{DType, Model, Session, SessionOptions};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Fixture {
+    model_file: String,
+    add_bos: bool,
+    cases: Vec<Case>,
+    tokenizer_cases: Vec<TokenizerCase>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    text: String,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    chat_text: Option<String>,
+    token_ids: Vec<u32>,
+    logits_file: String,
+    greedy_tokens: Vec<u32>,
+    greedy_margins: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct TokenizerCase {
+    text: String,
+    token_ids: Vec<u32>,
+}
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2")
+}
+
+fn load_fixture() -> Option<(Fixture, PathBuf)> {
+    let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("reference.json")).unwrap()).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(&fixture.model_file);
+    if !model.exists() {
+        if std::env::var("ENGRAM_REQUIRE_MODEL").as_deref() == Ok("1") {
+            panic!("{} is missing and ENGRAM_REQUIRE_MODEL=1: run tools/fetch_model.sh", model.display());
+        }
+        eprintln!("SKIPPED: {} is missing (run tools/fetch_model.sh)", model.display());
+        return None;
+    }
+    Some((fixture, model))
+}
+
+fn read_npy(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
+}
+
+fn load(model: &Path, dtype: DType) -> Model<CpuBackend> {
+    Model::load(CpuBackend::new(2, None).unwrap(), ModelFiles::open(model).unwrap(), dtype, |_, _| {}).unwrap()
+}
+
+/// Max |engram - reference| over max |reference|.
+fn logit_error(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}
+
+/// Greedy tokens must equal the reference until the first step whose reference margin is at or
+/// below `margin` (there a different but correct implementation may pick the runner-up).
+fn check_greedy(name: &str, got: &[u32], want: &[u32], margins: &[f32], margin: f32) -> usize {
+    for (k, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if margins[k] <= margin {
+            return k;
+        }
+        assert_eq!(g, w, "{name}: greedy token {k} differs (reference margin {})", margins[k]);
+    }
+    want.len()
+}
+
+fn greedy(model: &Model<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut session = Session::new(model, SessionOptions::new(1, prompt.len() + steps)).unwrap();
+    let request = GenerationRequest { prompt_ids: prompt.to_vec(), sampling: SamplingParams::default(), stop: StopParams { max_tokens: steps, stop_strings: vec![], ignore_eos: true } };
+    generate::generate(&mut session, &[request], &mut |_: usize, _: &str| {}).unwrap().0.remove(0).generated_ids
+}
+
+fn last_logits(model: &Model<CpuBackend>, ids: &[u32]) -> Vec<f32> {
+    let mut session = Session::new(model, SessionOptions::new(1, ids.len())).unwrap();
+    session.step(&[SequenceInput { slot: 0, tokens: ids, logits: LogitRequest::Last }]).unwrap().per_input.remove(0)
+}
+
+#[test]
+fn tokenizer_and_chat_template_match_the_reference() {
+    let Some((fixture, model_path)) = load_fixture() else { return };
+    let files = ModelFiles::open(&model_path).unwrap();
+    assert_eq!(files.tokenizer.add_bos, fixture.add_bos);
+    for case in &fixture.tokenizer_cases {
+        assert_eq!(files.tokenizer.encode(&case.text, true).unwrap(), case.token_ids, "text {:?}", case.text);
+    }
+    let template = files.chat_template.as_ref().expect("the GGUF carries a chat template");
+    for case in &fixture.cases {
+        if let (Some(messages), Some(chat_text)) = (&case.messages, &case.chat_text) {
+            assert_eq!(&template.render(messages, true).unwrap(), chat_text, "{}", case.name);
+        }
+        assert_eq!(files.tokenizer.encode(&case.text, true).unwrap(), case.token_ids, "{}", case.name);
+    }
+}
+
+#[test]
+fn f32_logits_and_greedy_tokens_match_transformers() {
+    let Some((fixture, model_path)) = load_fixture() else { return };
+    let model = load(&model_path, DType::F32);
+    for case in &fixture.cases {
+        let want = read_npy(&fixture_dir().join(&case.logits_file));
+        let err = logit_error(&last_logits(&model, &case.token_ids), &want);
+        eprintln!("f32 {}: relative logit error {err:.2e}", case.name);
+        assert!(err <= 1e-3, "{}: logits differ by {err} of max |logit|", case.name);
+        let got = greedy(&model, &case.token_ids, case.greedy_tokens.len());
+        let checked = check_greedy(&case.name, &got, &case.greedy_tokens, &case.greedy_margins, 1e-2);
+        eprintln!("f32 {}: {checked}/{} greedy tokens checked and equal", case.name, case.greedy_tokens.len());
+    }
+}
+
+/// bf16 weights round every weight to 8 mantissa bits (relative error up to 2^-9), so logits
+/// move by a few percent of their range; the bound below is what such rounding allows, and
+/// greedy tokens must agree wherever the reference margin exceeds 1.0.
+#[test]
+fn bf16_logits_stay_within_the_stated_bound() {
+    let Some((fixture, model_path)) = load_fixture() else { return };
+    let model = load(&model_path, DType::BF16);
+    for case in &fixture.cases {
+        let want = read_npy(&fixture_dir().join(&case.logits_file));
+        let err = logit_error(&last_logits(&model, &case.token_ids), &want);
+        eprintln!("bf16 {}: relative logit error {err:.2e}", case.name);
+        assert!(err <= 5e-2, "{}: bf16 logits differ by {err} of max |logit|", case.name);
+        let got = greedy(&model, &case.token_ids, case.greedy_tokens.len());
+        check_greedy(&case.name, &got, &case.greedy_tokens, &case.greedy_margins, 1.0);
+    }
+}

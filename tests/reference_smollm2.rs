@@ -132,9 +132,9 @@ fn f32_logits_and_greedy_tokens_match_transformers() {
     }
 }
 
-/// bf16 weights round every weight to 8 mantissa bits (relative error up to 2^-9), so logits
-/// move by a few percent of their range; the bound below is what such rounding allows, and
-/// greedy tokens must agree wherever the reference margin exceeds 1.0.
+/// bf16 weights round every weight to 8 mantissa bits (relative error up to 2^-9). Measured on
+/// the six fixture prompts: 3.3e-3 to 6.2e-3 of max |logit|; the bound is 1.5e-2 (2.5x the
+/// worst case seen), and greedy tokens must agree wherever the reference margin exceeds 1.0.
 #[test]
 fn bf16_logits_stay_within_the_stated_bound() {
     let Some((fixture, model_path)) = load_fixture() else { return };
@@ -143,7 +143,7 @@ fn bf16_logits_stay_within_the_stated_bound() {
         let want = read_npy(&fixture_dir().join(&case.logits_file));
         let err = logit_error(&last_logits(&model, &case.token_ids), &want);
         eprintln!("bf16 {}: relative logit error {err:.2e}", case.name);
-        assert!(err <= 5e-2, "{}: bf16 logits differ by {err} of max |logit|", case.name);
+        assert!(err <= 1.5e-2, "{}: bf16 logits differ by {err} of max |logit|", case.name);
         let got = greedy(&model, &case.token_ids, case.greedy_tokens.len());
         check_greedy(&case.name, &got, &case.greedy_tokens, &case.greedy_margins, 1.0);
     }

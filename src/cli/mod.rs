@@ -1,6 +1,7 @@
 //! Subcommand definitions and the options they share (model path, dtype, threads).
 
 mod bench;
+mod convert;
 mod generate;
 mod info;
 mod logits;
@@ -31,6 +32,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Write the logits of a prompt to a .npy file.
     Logits(logits::LogitsArgs),
+    /// Convert a GGUF file into a Hugging Face model directory.
+    Convert(convert::ConvertArgs),
     /// Print a model's architecture, sizes, dtypes, tokenizer and template facts.
     Info(info::InfoArgs),
     /// Measure prefill and decode speed (median over interleaved repeats).
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Logits(args) => logits::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::MakeRandom(args) => make_random::run(args),

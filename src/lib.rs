@@ -5,6 +5,28 @@
 //! GGUF) into [`model::ModelFiles`]; [`session::Model`] holds the weights on a
 //! [`backend::Backend`]; [`forward`] is the one forward pass; [`kv`] the preallocated KV cache;
 //! [`session::Session`] runs batches of rows; [`generate`] samples tokens.
+//!
+//! ```no_run
+//! use engram::backend::cpu::CpuBackend;
+//! use engram::generate::{generate, GenerationRequest, SamplingParams, StopParams};
+//! use engram::model::ModelFiles;
+//! use engram::{DType, Model, Session, SessionOptions};
+//!
+//! # fn main() -> engram::Result<()> {
+//! let files = ModelFiles::open("models/SmolLM2-135M-Instruct.Q4_1.gguf".as_ref())?;
+//! let model = Model::load(CpuBackend::new(2, None)?, files, DType::BF16, |_, _| {})?;
+//! let prompt_ids = model.tokenizer.encode("The capital of France is", true)?;
+//! let mut session = Session::new(&model, SessionOptions::new(1, 256))?;
+//! let request = GenerationRequest {
+//!     prompt_ids,
+//!     sampling: SamplingParams::default(),
+//!     stop: StopParams { max_tokens: 16, ..Default::default() },
+//! };
+//! let (outputs, timing) = generate(&mut session, &[request], &mut |_: usize, text: &str| print!("{text}"))?;
+//! println!("\n{:?}, {:.1} tok/s", outputs[0].finish_reason, timing.decode_tokens_per_second());
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod backend;
 pub mod error;

@@ -109,6 +109,25 @@ CASES = [
 ]
 
 
+# Tokenizer-only cases (no forward pass): edge cases for engram's BPE tokenizer.
+TOKENIZER_CASES = [
+    "",
+    " ",
+    "Hello world",
+    " Hello  world",
+    "  leading spaces and trailing   ",
+    "line one\nline two\n\n\tindented\r\nwindows",
+    "don't I'll we're THEY'VE it's",
+    "x1000 v2.0.1 3.14159 -42 1e-5 0x1F 1,000,000",
+    "<|im_start|>user\nhi<|im_end|>",
+    "text with <|im_end|> inside and <|endoftext|> too",
+    "emoji 👩\u200d💻 and combining e\u0301 and CJK 中文字符",
+    "tabs\tand\u00a0nbsp and\u3000ideographic space",
+    "    def f(x):\n        return x  # comment",
+    "https://example.com/path?query=1&b=2#frag",
+]
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -291,6 +310,36 @@ def run_case(model, ids: list[int], steps: int):
     }
 
 
+def compare_with_llama_cpp(llama_cpp, model_path: Path, cases: list, threads: int, out: Path,
+                           key: str, f32_kv: bool = False):
+    """Record, per case under `key`, how far llama.cpp's forward pass lands from the reference.
+
+    With the Q4_1 file llama.cpp multiplies quantized weights with Q8-quantized activations, so
+    its logits differ from the f32 dequantized reference by more than rounding: a yardstick for
+    a correct quantized implementation. With the F32 file (the exact dequantization, made by
+    tools/bench_llamacpp.py --make-types f32) and an f32 KV cache it validates the reference.
+    """
+    kw = {"type_k": 0, "type_v": 0} if f32_kv else {}  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=1024, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False, **kw)
+    # (logits_all: without it llama-cpp-python 0.3.x no longer copies logits into .scores)
+    for c in cases:
+        llm.reset()
+        llm.eval(c["token_ids"])
+        got = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        ref = np.load(out / c["logits_file"])
+        d = got - ref
+        c[key] = {
+            "model_file": model_path.name,
+            "kv_cache": "f32" if f32_kv else "f16",
+            "max_abs_diff": float(np.max(np.abs(d))),
+            "rms_diff": float(np.sqrt(np.mean(d * d))),
+            "argmax": int(np.argmax(got)),
+            "argmax_agrees": int(np.argmax(got)) == int(np.argmax(ref)),
+        }
+    del llm
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -309,7 +358,7 @@ def main() -> int:
         return 1
 
     torch.set_num_threads(args.threads)
-    model_path = args.model.resolve()
+    model_path = args.model.absolute()  # not resolve(): models/ may hold symlinks
     if not model_path.exists():
         print(f"{model_path} missing; run tools/fetch_model.sh", file=sys.stderr)
         return 1
@@ -389,6 +438,29 @@ def main() -> int:
         entry["greedy_margins"] = r["margins"]
         cases_out.append(entry)
 
+    tok_cases = []
+    for text in TOKENIZER_CASES:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        tf_ids = tok(text, add_special_tokens=False)["input_ids"]
+        if add_bos:
+            tf_ids = [bos_id] + tf_ids
+        tc = {"text": text, "token_ids": ids, "transformers_agrees": tf_ids == ids}
+        if tf_ids != ids:
+            tc["transformers_token_ids"] = tf_ids
+        tok_cases.append(tc)
+    n_agree = sum(tc["transformers_agrees"] for tc in tok_cases)
+    print(f"tokenizer cases: transformers agrees on {n_agree}/{len(tok_cases)}", file=sys.stderr)
+
+    compare_with_llama_cpp(llama_cpp, model_path, cases_out, args.threads, out,
+                           "llama_cpp_q4_1_vs_reference")
+    f32_path = model_path.with_name(model_path.name.replace(".Q4_1.", ".F32."))
+    if f32_path != model_path and f32_path.exists():
+        compare_with_llama_cpp(llama_cpp, f32_path, cases_out, args.threads, out,
+                               "llama_cpp_f32_vs_reference", f32_kv=True)
+    else:
+        print(f"{f32_path.name} missing: skipping the llama.cpp F32 cross-check "
+              "(make it with tools/bench_llamacpp.py --make-types f32)", file=sys.stderr)
+
     ref = {
         "model_file": model_path.name,
         "model_sha256": sha256_file(model_path),
@@ -412,6 +484,11 @@ def main() -> int:
             "under a different but correct implementation)."
         ),
         "cases": cases_out,
+        "tokenizer_cases_note": (
+            "tokenizer-only cases: llama.cpp ids (special=True, so special-token text is "
+            "parsed as the special token), no forward pass"
+        ),
+        "tokenizer_cases": tok_cases,
     }
     with open(out / "reference.json", "w", encoding="utf-8") as f:
         json.dump(ref, f, indent=1, ensure_ascii=False)

@@ -35,6 +35,7 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod session;
+pub mod steer;
 pub mod tensor;
 pub mod weights;
 

@@ -1,0 +1,6 @@
+//! Steering: vectors and their files, plans of what to add where, capture and readouts, all
+//! resolved once per batch into tables the fused residual step reads.
+
+pub mod vector;
+
+pub use vector::SteeringVector;

@@ -3,9 +3,11 @@
 //! A batch is a list of token rows; each row names its KV slot and position, so prompts of
 //! different lengths and decode steps of different sequences share every matrix product.
 
-use crate::backend::{AttentionLayout, Backend, RowTable};
+use crate::backend::{AttentionLayout, Backend, FusedArgs, RowTable};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+use crate::steer::tables::FusedPoint;
+use crate::steer::Point;
 use crate::weights::ModelWeights;
 
 /// One batch of rows to run.
@@ -32,6 +34,9 @@ pub struct ForwardScratch<B: Backend> {
     activation: B::Buffer,
     logit_inputs: B::Buffer,
     logits: B::Buffer,
+    /// Readout values and captured rows of the current batch (sized when plans are set).
+    pub readout: B::Buffer,
+    pub capture: B::Buffer,
 }
 
 impl<B: Backend> ForwardScratch<B> {
@@ -49,8 +54,24 @@ impl<B: Backend> ForwardScratch<B> {
             activation: backend.buffer(max_rows * ffn)?,
             logit_inputs: backend.buffer(max_logit_rows * hidden)?,
             logits: backend.buffer(max_logit_rows * config.vocab_size)?,
+            readout: backend.buffer(0)?,
+            capture: backend.buffer(0)?,
         })
     }
+
+    /// Allocates the readout and capture outputs (when plans change, never per token).
+    pub fn size_outputs(&mut self, backend: &B, readout_len: usize, capture_len: usize) -> Result<()> {
+        self.readout = backend.buffer(readout_len)?;
+        self.capture = backend.buffer(capture_len)?;
+        Ok(())
+    }
+}
+
+/// The per-point tables of a batch and the direction pool they index.
+pub struct FusedTables<'a, B: Backend> {
+    /// One per residual point, indexed by [`crate::steer::Point::index`].
+    pub points: &'a [FusedPoint],
+    pub directions: &'a B::Buffer,
 }
 
 /// RoPE cos/sin tables `[positions, head_dim/2]`, computed once per session.
@@ -97,6 +118,7 @@ pub fn forward<B: Backend>(
     kv: &mut B::KvStore,
     scratch: &mut ForwardScratch<B>,
     batch: BatchRows<'_>,
+    fused: &FusedTables<'_, B>,
     logits: &mut [f32],
 ) -> Result<()> {
     let rows = batch.tokens.len();
@@ -106,6 +128,9 @@ pub fn forward<B: Backend>(
     }
     if logits.len() != batch.logit_rows.len() * vocab || batch.logit_rows.iter().any(|&r| r as usize >= rows) {
         return Err(Error::InvalidInput("logit rows outside the batch or logits buffer of the wrong size".into()));
+    }
+    if fused.points.len() != 2 * config.num_hidden_layers {
+        return Err(Error::InvalidInput("fused tables do not cover every residual point".into()));
     }
     if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(Error::InvalidInput(format!("token id {t} outside the vocabulary of {vocab}")));
@@ -132,13 +157,15 @@ pub fn forward<B: Backend>(
             backend.rope(&mut s.qkv, rows, layout, batch.positions, &rope.cos, &rope.sin);
             backend.attention(&s.qkv, rows, layout, kv, i, table, &mut s.attention);
             backend.matmul(&s.attention, rows, &layer.o_proj, &mut s.delta);
-            backend.residual_step(&mut s.hidden, &s.delta, rows, dim, &layer.post_attention_norm, eps, &mut s.normed);
+            let args = FusedArgs { point: &fused.points[Point::Attention(i).index()], directions: fused.directions, readout: &mut s.readout, capture: &mut s.capture };
+            backend.residual_step(&mut s.hidden, &s.delta, rows, dim, &layer.post_attention_norm, eps, &mut s.normed, args);
             // MLP sub-block; its residual step normalizes for the next layer (or the output).
             backend.matmul(&s.normed, rows, &layer.gate_up, &mut s.gate_up);
             backend.silu_mul(&s.gate_up, rows, ffn, &mut s.activation);
             backend.matmul(&s.activation, rows, &layer.down, &mut s.delta);
             let next_norm = weights.layers.get(i + 1).map_or(&weights.final_norm, |next| &next.input_norm);
-            backend.residual_step(&mut s.hidden, &s.delta, rows, dim, next_norm, eps, &mut s.normed);
+            let args = FusedArgs { point: &fused.points[Point::Block(i).index()], directions: fused.directions, readout: &mut s.readout, capture: &mut s.capture };
+            backend.residual_step(&mut s.hidden, &s.delta, rows, dim, next_norm, eps, &mut s.normed, args);
         }
         if !batch.logit_rows.is_empty() {
             backend.gather_rows(&s.normed, batch.logit_rows, dim, &mut s.logit_inputs);

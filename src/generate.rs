@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::session::{LogitRequest, SequenceInput, Session};
+use crate::steer::ReadoutRecord;
 
 /// How the next token is chosen. `temperature == 0` is greedy.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -130,6 +131,10 @@ pub struct GenerationOutput {
     pub generated_ids: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// Readouts of every row of this sequence (prompt and generated), when the session has a
+    /// readout plan.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub readouts: Vec<ReadoutRecord>,
 }
 
 /// Timing of a batch: prefill covers all prompts, decode every later step.
@@ -169,6 +174,16 @@ struct Running {
     emitted: usize,
     finish: Option<FinishReason>,
     text: String,
+    readouts: Vec<ReadoutRecord>,
+}
+
+/// Hands each readout to the sequence of its slot (sequence i runs in slot i).
+fn collect_readouts(running: &mut [Running], readouts: Vec<ReadoutRecord>) {
+    for record in readouts {
+        if let Some(state) = running.get_mut(record.slot) {
+            state.readouts.push(record);
+        }
+    }
 }
 
 /// Generates for every request as one batch, using slots `0..requests.len()` of `session`
@@ -187,16 +202,20 @@ pub fn generate<B: Backend>(session: &mut Session<'_, B>, requests: &[Generation
             return Err(Error::InvalidInput(format!("prompt {i} is empty")));
         }
         // Check the whole generation fits before spending any time on it.
-        session.kv.reset(i);
+        session.reset(i)?;
         session.kv.check_room(i, request.prompt_ids.len() + request.stop.max_tokens.saturating_sub(1))?;
-        running.push(Running { sampler: Sampler::new(request.sampling)?, generated: Vec::new(), emitted: 0, finish: None, text: String::new() });
+        running.push(Running { sampler: Sampler::new(request.sampling)?, generated: Vec::new(), emitted: 0, finish: None, text: String::new(), readouts: Vec::new() });
     }
     let mut timing = GenerationTiming { prompt_tokens: requests.iter().map(|r| r.prompt_ids.len()).sum(), ..Default::default() };
 
     let started = Instant::now();
     let inputs: Vec<SequenceInput> = requests.iter().enumerate().map(|(i, r)| SequenceInput { slot: i, tokens: &r.prompt_ids, logits: LogitRequest::Last }).collect();
-    let logits = session.step(&inputs)?;
+    let mut logits = session.step(&inputs)?;
     timing.prefill_seconds = started.elapsed().as_secs_f64();
+    for i in 0..requests.len() {
+        session.begin_generation(i)?;
+    }
+    collect_readouts(&mut running, std::mem::take(&mut logits.readouts));
     for (i, state) in running.iter_mut().enumerate() {
         accept(state, &requests[i], logits.last(i), &model.eos_ids, &model.tokenizer, i, sink)?;
     }
@@ -209,8 +228,9 @@ pub fn generate<B: Backend>(session: &mut Session<'_, B>, requests: &[Generation
         }
         let last_tokens: Vec<[u32; 1]> = active.iter().map(|&i| [*running[i].generated.last().expect("one token after prefill")]).collect();
         let inputs: Vec<SequenceInput> = active.iter().zip(&last_tokens).map(|(&i, t)| SequenceInput { slot: i, tokens: t, logits: LogitRequest::Last }).collect();
-        let logits = session.step(&inputs)?;
+        let mut logits = session.step(&inputs)?;
         timing.decode_tokens += active.len();
+        collect_readouts(&mut running, std::mem::take(&mut logits.readouts));
         for (k, &i) in active.iter().enumerate() {
             accept(&mut running[i], &requests[i], logits.last(k), &model.eos_ids, &model.tokenizer, i, sink)?;
         }
@@ -225,6 +245,7 @@ pub fn generate<B: Backend>(session: &mut Session<'_, B>, requests: &[Generation
             generated_ids: state.generated,
             text: state.text,
             finish_reason: state.finish.unwrap_or(FinishReason::Length),
+            readouts: state.readouts,
         })
         .collect();
     Ok((outputs, timing))

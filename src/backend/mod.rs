@@ -7,6 +7,7 @@
 pub mod cpu;
 
 use crate::error::Result;
+use crate::steer::tables::FusedPoint;
 use crate::tensor::HostTensor;
 
 /// How the fused q|k|v projection output of one row is laid out.
@@ -35,6 +36,15 @@ impl AttentionLayout {
 pub struct RowTable<'a> {
     pub slots: &'a [u32],
     pub positions: &'a [u32],
+}
+
+/// The steering/readout/capture part of one residual step: the host tables of the point, the
+/// direction pool on the device, and the device buffers readouts and captures are written to.
+pub struct FusedArgs<'a, B: Backend + ?Sized> {
+    pub point: &'a FusedPoint,
+    pub directions: &'a B::Buffer,
+    pub readout: &'a mut B::Buffer,
+    pub capture: &'a mut B::Buffer,
 }
 
 /// Device operations used by [`crate::forward`]. Buffers hold f32 activations, row-major.
@@ -78,9 +88,12 @@ pub trait Backend: Send + Sync {
     fn attention(&self, qkv: &Self::Buffer, rows: usize, layout: AttentionLayout, kv: &mut Self::KvStore, layer: usize, table: RowTable<'_>, out: &mut Self::Buffer);
     /// `out[r] = silu(gate_up[r][..ffn]) * gate_up[r][ffn..]`.
     fn silu_mul(&self, gate_up: &Self::Buffer, rows: usize, ffn: usize, out: &mut Self::Buffer);
-    /// The residual step that ends every sub-block: `h += delta; x = rmsnorm(h) * norm_weight`.
-    /// Steering, readouts and capture (see DESIGN.md) are fused here.
-    fn residual_step(&self, h: &mut Self::Buffer, delta: &Self::Buffer, rows: usize, dim: usize, norm_weight: &Self::Buffer, eps: f32, x_out: &mut Self::Buffer);
+    /// The fused residual step that ends every sub-block, one read and one write of each row:
+    /// `h += delta`; `h += Σ amount_k · d_k` for the row's steering terms (amounts from `h`
+    /// before steering); readout `|h|`, `⟨h, u_j⟩`; capture `h`; `x = rmsnorm(h) · norm_weight`.
+    /// With a plain `fused` it is exactly `h += delta; x = rmsnorm(h) · w` (bit for bit).
+    #[allow(clippy::too_many_arguments)]
+    fn residual_step(&self, h: &mut Self::Buffer, delta: &Self::Buffer, rows: usize, dim: usize, norm_weight: &Self::Buffer, eps: f32, x_out: &mut Self::Buffer, fused: FusedArgs<'_, Self>);
     /// `dst[i] = src[rows[i]]` for rows of width `dim`.
     fn gather_rows(&self, src: &Self::Buffer, rows: &[u32], dim: usize, dst: &mut Self::Buffer);
 }

@@ -67,6 +67,12 @@ impl Reference {
     /// Logits `[tokens.len()][vocab]` and hidden states `[layers + 1][tokens.len()][hidden]`
     /// (entry 0 = embeddings, entry i+1 = output of block i, before the final norm).
     pub fn run(&self, tokens: &[u32]) -> (Vec<Vec<f64>>, Vec<Vec<Vec<f64>>>) {
+        self.run_hooked(tokens, &|_, _, _, _| {})
+    }
+
+    /// Like `run`, calling `hook(layer, at_attention, position, h)` on the residual row after
+    /// each attention residual add and each block output, as a PyTorch forward hook would.
+    pub fn run_hooked(&self, tokens: &[u32], hook: &dyn Fn(usize, bool, usize, &mut [f64])) -> (Vec<Vec<f64>>, Vec<Vec<Vec<f64>>>) {
         let c = &self.config;
         let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let embed = self.t("model.embed_tokens.weight");
@@ -124,6 +130,7 @@ impl Reference {
                 for (a, b) in states[pos].iter_mut().zip(&o) {
                     *a += b;
                 }
+                hook(l, true, pos, &mut states[pos]);
                 let xn = self.rms_norm(&states[pos], self.t(&format!("{p}.post_attention_layernorm.weight")));
                 let f = c.intermediate_size;
                 let g = self.linear(&format!("{p}.mlp.gate_proj.weight"), &xn, f);
@@ -133,6 +140,7 @@ impl Reference {
                 for (a, b) in states[pos].iter_mut().zip(&d) {
                     *a += b;
                 }
+                hook(l, false, pos, &mut states[pos]);
             }
             hidden_states.push(states.clone());
         }

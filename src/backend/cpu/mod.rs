@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use self::attention::CpuKvStore;
 use self::matmul::{CpuMatrix, WeightData};
 use self::simd::SimdLevel;
-use super::{AttentionLayout, Backend, RowTable};
+use super::{AttentionLayout, Backend, FusedArgs, RowTable};
+use crate::steer::tables::{RowTerm, TermMode, NO_DIRECTION};
 use crate::error::{Error, Result};
 use crate::tensor::{HostTensor, TensorData};
 
@@ -50,6 +51,34 @@ impl CpuBackend {
 fn rms_scale(level: SimdLevel, row: &[f32], eps: f32) -> f32 {
     let mean = simd::sum_squares(level, row) / row.len() as f32;
     1.0 / (mean + eps).sqrt()
+}
+
+/// Adds a row's steering terms; every amount is computed from `h` before any of them is added.
+fn steer_row(level: SimdLevel, h: &mut [f32], terms: &[RowTerm], directions: &[f32], dim: usize) {
+    let direction = |t: &RowTerm| &directions[t.direction as usize * dim..(t.direction as usize + 1) * dim];
+    let needs_norm = terms.iter().any(|t| t.mode == TermMode::NormScaled);
+    let norm = if needs_norm { simd::sum_squares(level, h).sqrt() } else { 0.0 };
+    // Few terms per row: a small fixed buffer avoids allocating in the hot loop.
+    let mut small = [0.0f32; 16];
+    let mut large = Vec::new();
+    let amounts: &mut [f32] = if terms.len() <= small.len() {
+        &mut small[..terms.len()]
+    } else {
+        large.resize(terms.len(), 0.0);
+        &mut large
+    };
+    for (a, t) in amounts.iter_mut().zip(terms) {
+        *a = match t.mode {
+            TermMode::Add => t.coefficient,
+            TermMode::NormScaled => t.coefficient * norm,
+            TermMode::Clamp { target } => t.coefficient * (target - simd::dot_f32(level, h, direction(t))).max(0.0),
+        };
+    }
+    for (a, t) in amounts.iter().zip(terms) {
+        if *a != 0.0 {
+            simd::axpy(level, *a, direction(t), h);
+        }
+    }
 }
 
 fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -190,28 +219,51 @@ impl Backend for CpuBackend {
         });
     }
 
-    fn residual_step(&self, h: &mut Vec<f32>, delta: &Vec<f32>, rows: usize, dim: usize, norm_weight: &Vec<f32>, eps: f32, x_out: &mut Vec<f32>) {
+    fn residual_step(&self, h: &mut Vec<f32>, delta: &Vec<f32>, rows: usize, dim: usize, norm_weight: &Vec<f32>, eps: f32, x_out: &mut Vec<f32>, fused: FusedArgs<'_, Self>) {
         let level = self.level;
-        let step = |r: usize, hr: &mut [f32], xr: &mut [f32]| {
+        let point = fused.point;
+        let directions = &fused.directions[..];
+        let probes = point.probes.len();
+        let step = |r: usize, hr: &mut [f32], xr: &mut [f32], readout: Option<&mut [f32]>| {
             let d = &delta[r * dim..(r + 1) * dim];
             for (hv, dv) in hr.iter_mut().zip(d) {
                 *hv += dv;
+            }
+            let terms = point.row_terms(r);
+            if !terms.is_empty() {
+                steer_row(level, hr, terms, directions, dim);
+            }
+            if let Some(out) = readout {
+                out[0] = simd::sum_squares(level, hr).sqrt();
+                for (o, &p) in out[1..].iter_mut().zip(&point.probes) {
+                    *o = if p == NO_DIRECTION { f32::NAN } else { simd::dot_f32(level, hr, &directions[p as usize * dim..(p as usize + 1) * dim]) };
+                }
             }
             let s = rms_scale(level, hr, eps);
             for ((x, &hv), &w) in xr.iter_mut().zip(hr.iter()).zip(norm_weight.iter()) {
                 *x = hv * s * w;
             }
         };
+        let width = 1 + probes;
+        let mut readout_rows: Vec<Option<&mut [f32]>> = match point.readout_offset {
+            Some(offset) => fused.readout[offset..offset + rows * width].chunks_mut(width).map(Some).collect(),
+            None => (0..rows).map(|_| None).collect(),
+        };
         if rows == 1 {
-            step(0, &mut h[..dim], &mut x_out[..dim]);
-            return;
+            step(0, &mut h[..dim], &mut x_out[..dim], readout_rows.pop().flatten());
+        } else {
+            h[..rows * dim]
+                .par_chunks_mut(dim)
+                .zip(x_out[..rows * dim].par_chunks_mut(dim))
+                .zip(readout_rows.into_par_iter())
+                .enumerate()
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(|(r, ((hr, xr), ro))| step(r, hr, xr, ro));
         }
-        h[..rows * dim]
-            .par_chunks_mut(dim)
-            .zip(x_out[..rows * dim].par_chunks_mut(dim))
-            .enumerate()
-            .with_min_len(ROWS_PER_TASK)
-            .for_each(|(r, (hr, xr))| step(r, hr, xr));
+        for &(row, dest) in &point.capture {
+            let (row, dest) = (row as usize, dest as usize);
+            fused.capture[dest * dim..(dest + 1) * dim].copy_from_slice(&h[row * dim..(row + 1) * dim]);
+        }
     }
 
     fn gather_rows(&self, src: &Vec<f32>, rows: &[u32], dim: usize, dst: &mut Vec<f32>) {

@@ -2,6 +2,8 @@
 //! resolved once per batch into tables the fused residual step reads.
 
 pub mod capture;
+pub mod compute;
+pub mod files;
 pub mod plan;
 pub mod tables;
 pub mod vector;

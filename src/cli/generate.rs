@@ -3,12 +3,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use engram::generate::{self, GenerationRequest, SamplingParams, StopParams};
 use engram::{Session, SessionOptions};
 
 use super::prompts::{self, PromptSpec};
+use super::steering::{self, SteerArgs, VectorCache};
 use super::ModelArgs;
 
 #[derive(Args)]
@@ -53,14 +54,19 @@ pub struct GenerateArgs {
     /// Print one JSON object per prompt instead of streaming text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    steering: SteerArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let specs: Vec<PromptSpec> = match (&args.prompt, &args.prompts) {
-        (Some(p), None) => vec![PromptSpec { prompt: p.clone(), system: None, max_tokens: None }],
+        (Some(p), None) => vec![PromptSpec { prompt: p.clone(), system: None, max_tokens: None, steer: None }],
         (None, Some(path)) => prompts::read_prompts_file(path)?,
         _ => bail!("give a prompt with -p TEXT or a file with --prompts FILE"),
     };
+    if args.steering.readout && !args.json && args.steering.readout_out.is_none() {
+        bail!("--readout needs --json (readouts in each output line) or --readout-out FILE");
+    }
     let model = args.model.load()?;
     let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let mut requests = Vec::new();
@@ -90,6 +96,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut options = SessionOptions::new(requests.len(), context);
     options.max_logit_rows = requests.len();
     let mut session = Session::new(&model, options)?;
+    let mut vectors = VectorCache::default();
+    let global_plan = args.steering.plan(&model, &mut vectors)?;
+    for (i, spec) in specs.iter().enumerate() {
+        let plan = match &spec.steer {
+            Some(own) => steering::plan_from_specs(&model, &mut vectors, own).with_context(|| format!("steering of prompt {i}"))?,
+            None => global_plan.clone(),
+        };
+        session.set_steering(i, plan)?;
+    }
+    args.steering.configure(&mut session, &model, &vectors)?;
+    let probe_names = SteerArgs::probe_names(&vectors);
 
     let streaming = !args.json && requests.len() == 1;
     let stdout = std::io::stdout();
@@ -101,6 +118,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     let (outputs, timing) = generate::generate(&mut session, &requests, &mut sink)?;
+    args.steering.write_captures(&session.take_captures(), &model.path)?;
+    if let Some(path) = &args.steering.readout_out {
+        let records = outputs.iter().enumerate().flat_map(|(i, o)| o.readouts.iter().map(move |r| steering::readout_json(Some(i), r)));
+        steering::write_readouts(path, &probe_names, records)?;
+    }
     if args.json {
         for (spec, output) in specs.iter().zip(&outputs) {
             let line = serde_json::json!({
@@ -115,6 +137,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "prefill_tokens_per_second": timing.prefill_tokens_per_second(),
                 "decode_tokens_per_second": timing.decode_tokens_per_second(),
             });
+            let mut line = line;
+            if args.steering.readout {
+                line["readout_probes"] = serde_json::json!(probe_names);
+                line["readouts"] = output.readouts.iter().map(|r| steering::readout_json(None, r)).collect();
+            }
             println!("{line}");
         }
     } else if streaming {

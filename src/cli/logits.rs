@@ -7,6 +7,7 @@ use clap::Args;
 use engram::session::{LogitRequest, SequenceInput};
 use engram::{Session, SessionOptions};
 
+use super::steering::{self, SteerArgs, VectorCache};
 use super::{prompts, ModelArgs};
 
 #[derive(Args)]
@@ -24,6 +25,8 @@ pub struct LogitsArgs {
     output: PathBuf,
     #[arg(long)]
     all_positions: bool,
+    #[command(flatten)]
+    steering: SteerArgs,
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
@@ -32,8 +35,21 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     let mut options = SessionOptions::new(1, ids.len().min(model.config.max_position_embeddings));
     options.max_logit_rows = if args.all_positions { options.max_batch_rows } else { 1 };
     let mut session = Session::new(&model, options)?;
+    let mut vectors = VectorCache::default();
+    session.set_steering(0, args.steering.plan(&model, &mut vectors)?)?;
+    args.steering.configure(&mut session, &model, &vectors)?;
     let request = if args.all_positions { LogitRequest::All } else { LogitRequest::Last };
-    let logits = session.step(&[SequenceInput { slot: 0, tokens: &ids, logits: request }])?.per_input.remove(0);
+    let mut step = session.step(&[SequenceInput { slot: 0, tokens: &ids, logits: request }])?;
+    let logits = step.per_input.remove(0);
+    args.steering.write_captures(&session.take_captures(), &model.path)?;
+    if let Some(path) = &args.steering.readout_out {
+        steering::write_readouts(path, &SteerArgs::probe_names(&vectors), step.readouts.iter().map(|r| steering::readout_json(None, r)))?;
+    } else if args.steering.readout {
+        println!("{}", serde_json::json!({"probes": SteerArgs::probe_names(&vectors)}));
+        for r in &step.readouts {
+            println!("{}", steering::readout_json(None, r));
+        }
+    }
     let vocab = model.config.vocab_size as u64;
     let shape: Vec<u64> = if args.all_positions { vec![ids.len() as u64, vocab] } else { vec![vocab] };
     write_npy_f32(&args.output, &shape, &logits)?;

@@ -17,6 +17,9 @@ pub struct PromptSpec {
     pub system: Option<String>,
     #[serde(default)]
     pub max_tokens: Option<usize>,
+    /// This sequence's own steering (replaces the command line's --steer for it).
+    #[serde(default)]
+    pub steer: Option<Vec<super::steering::SteerSpec>>,
 }
 
 /// Reads a prompts file: one JSON string or object per line; blank lines are skipped.
@@ -30,8 +33,8 @@ pub fn read_prompts_file(path: &Path) -> Result<Vec<PromptSpec>> {
         }
         let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
         let spec = match value {
-            serde_json::Value::String(prompt) => PromptSpec { prompt, system: None, max_tokens: None },
-            other => serde_json::from_value(other).with_context(|| format!("{}:{}: expected a string or {{\"prompt\": ..., \"system\"?: ..., \"max_tokens\"?: ...}}", path.display(), i + 1))?,
+            serde_json::Value::String(prompt) => PromptSpec { prompt, system: None, max_tokens: None, steer: None },
+            other => serde_json::from_value(other).with_context(|| format!("{}:{}: expected a string or {{\"prompt\": ..., \"system\"?: ..., \"max_tokens\"?: ..., \"steer\"?: [...]}}", path.display(), i + 1))?,
         };
         prompts.push(spec);
     }

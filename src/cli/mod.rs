@@ -7,6 +7,8 @@ mod info;
 mod logits;
 mod make_random;
 mod prompts;
+mod steering;
+mod vectors;
 
 use std::path::PathBuf;
 
@@ -40,6 +42,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a random-weight model directory (for tests and benchmarks).
     MakeRandom(make_random::MakeRandomArgs),
+    /// Compute steering vectors from contrastive prompts, or show a vector file.
+    Vectors(vectors::VectorsArgs),
 }
 
 /// Options every command that runs a model takes.
@@ -81,5 +85,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::MakeRandom(args) => make_random::run(args),
+        Command::Vectors(args) => vectors::run(args),
     }
 }

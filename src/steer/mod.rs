@@ -2,6 +2,7 @@
 //! resolved once per batch into tables the fused residual step reads.
 
 pub mod capture;
+pub mod collect;
 pub mod compute;
 pub mod files;
 pub mod plan;

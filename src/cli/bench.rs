@@ -1,7 +1,9 @@
-//! `engram bench`: prefill and decode tokens/s per weight dtype, conditions interleaved in one
-//! process, medians and interquartile ranges over repeats, next to the memory-bandwidth floor.
+//! `engram bench`: prefill and decode tokens/s per weight dtype and per steering condition, all
+//! interleaved in one process, medians and interquartile ranges over repeats, overheads as
+//! ratios taken round by round, next to the memory-bandwidth floor.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -11,7 +13,9 @@ use engram::backend::cpu::CpuBackend;
 use engram::backend::Backend;
 use engram::generate::argmax;
 use engram::session::{LogitRequest, SequenceInput};
+use engram::steer::{CapturePlan, CapturePositions, Point, ReadoutPlan, SteeringMode, SteeringPlan, SteeringTerm, SteeringVector};
 use engram::{DType, Model, Session, SessionOptions};
+use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -35,9 +39,96 @@ pub struct BenchArgs {
     repeats: usize,
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Conditions measured in turn every repeat, comma-separated; each is `none` or features
+    /// joined by `+`: steer (a vector at every layer and token), per-seq (each sequence of the
+    /// batch its own vector), relative, clamp (conditional steering), capture (every layer at
+    /// every token), readout (|h| and projections at every layer).
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    conditions: Vec<Condition>,
+    /// Steer with this vector file instead of random vectors (per-seq still uses random ones).
+    #[arg(long)]
+    steer_file: Option<PathBuf>,
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// One measured configuration of steering, capture and readouts.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Condition {
+    name: String,
+    steer: bool,
+    per_sequence: bool,
+    mode: Option<SteeringMode>,
+    capture: bool,
+    readout: bool,
+}
+
+impl std::str::FromStr for Condition {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut c = Condition { name: text.to_string(), ..Default::default() };
+        if text == "none" {
+            return Ok(c);
+        }
+        for feature in text.split('+') {
+            match feature {
+                "steer" => c.steer = true,
+                "per-seq" => (c.steer, c.per_sequence) = (true, true),
+                "relative" => (c.steer, c.mode) = (true, Some(SteeringMode::Relative)),
+                "clamp" => (c.steer, c.mode) = (true, Some(SteeringMode::Clamp { target: 1.0 })),
+                "capture" => c.capture = true,
+                "readout" => c.readout = true,
+                other => return Err(format!("unknown condition feature '{other}' (expected none or steer, per-seq, relative, clamp, capture, readout joined by +)")),
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// The vectors conditions steer with: one shared vector, and one per sequence of the batch.
+struct BenchVectors {
+    shared: Arc<SteeringVector>,
+    per_sequence: Vec<Arc<SteeringVector>>,
+}
+
+/// A random direction at every layer with norm `norm` (small next to residual norms, so the
+/// steered model stays numerically ordinary).
+fn random_vector(hidden: usize, layers: usize, norm: f32, seed: u64) -> Arc<SteeringVector> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = SteeringVector::new(hidden, layers);
+    for l in 0..layers {
+        let d: Vec<f32> = (0..hidden).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let n = d.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.set(l, d.iter().map(|x| x * norm / n).collect()).expect("random direction fits");
+    }
+    Arc::new(v)
+}
+
+impl Condition {
+    /// Installs this condition's plans on a fresh session of `slots` sequences.
+    fn install(&self, session: &mut Session<'_, CpuBackend>, slots: usize, vectors: &BenchVectors, layers: usize) -> Result<()> {
+        let vector_of = |slot: usize| if self.per_sequence { vectors.per_sequence[slot].clone() } else { vectors.shared.clone() };
+        if self.steer {
+            for slot in 0..slots {
+                let mut term = SteeringTerm::new(vector_of(slot), 1.0);
+                term.mode = self.mode.unwrap_or(SteeringMode::Add);
+                session.set_steering(slot, Some(SteeringPlan { terms: vec![term] }))?;
+            }
+        }
+        if self.capture {
+            session.set_capture(Some(CapturePlan { points: (0..layers).map(Point::Block).collect(), positions: CapturePositions::All }))?;
+        }
+        if self.readout {
+            let probes: Vec<_> = if self.per_sequence {
+                (0..slots).map(|s| (format!("seq{s}"), vector_of(s))).collect()
+            } else {
+                vec![("shared".to_string(), vectors.shared.clone())]
+            };
+            session.set_readout(Some(ReadoutPlan::all_blocks(layers, probes)))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -61,41 +152,54 @@ fn summarize(mut samples: Vec<f64>) -> Summary {
     Summary { samples, ..s }
 }
 
-#[derive(Serialize)]
-struct DtypeResult {
-    dtype: String,
-    weight_bytes: usize,
-    prefill_tokens_per_second: Option<Summary>,
-    decode_tokens_per_second: Option<Summary>,
-    decode_bytes_per_token: f64,
-    decode_floor_tokens_per_second: f64,
-}
 
 /// Deterministic token ids spread over the vocabulary (what llama-bench does with random tokens).
 fn bench_tokens(count: usize, vocab: usize) -> Vec<u32> {
     (0..count).map(|i| ((i as u64 * 2_654_435_761 + 12_345) % vocab as u64) as u32).collect()
 }
 
-fn measure_prefill(model: &Model<CpuBackend>, tokens: &[u32]) -> Result<f64> {
-    let mut options = SessionOptions::new(1, tokens.len());
-    options.max_batch_rows = tokens.len();
-    let mut session = Session::new(model, options)?;
-    let start = Instant::now();
-    session.step(&[SequenceInput { slot: 0, tokens, logits: LogitRequest::Last }])?;
-    Ok(tokens.len() as f64 / start.elapsed().as_secs_f64())
+/// What a condition needs to set up a session.
+struct Setup<'a> {
+    condition: &'a Condition,
+    vectors: &'a BenchVectors,
 }
 
-fn measure_decode(model: &Model<CpuBackend>, steps: usize, batch: usize) -> Result<f64> {
-    let mut session = Session::new(model, SessionOptions::new(batch, steps + 1))?;
+impl Setup<'_> {
+    fn session<'m>(&self, model: &'m Model<CpuBackend>, options: SessionOptions) -> Result<Session<'m, CpuBackend>> {
+        let mut session = Session::new(model, options)?;
+        self.condition.install(&mut session, options.slots, self.vectors, model.config.num_hidden_layers)?;
+        Ok(session)
+    }
+}
+
+fn measure_prefill(model: &Model<CpuBackend>, tokens: &[u32], setup: &Setup<'_>) -> Result<f64> {
+    let mut options = SessionOptions::new(1, tokens.len());
+    options.max_batch_rows = tokens.len();
+    let mut session = setup.session(model, options)?;
+    let start = Instant::now();
+    session.step(&[SequenceInput { slot: 0, tokens, logits: LogitRequest::Last }])?;
+    let rate = tokens.len() as f64 / start.elapsed().as_secs_f64();
+    std::hint::black_box(session.take_captures());
+    Ok(rate)
+}
+
+fn measure_decode(model: &Model<CpuBackend>, steps: usize, batch: usize, setup: &Setup<'_>) -> Result<f64> {
+    let mut session = setup.session(model, SessionOptions::new(batch, steps + 1))?;
+    for slot in 0..batch {
+        session.begin_generation(slot)?; // every row is a generated row
+    }
     let mut next: Vec<u32> = (0..batch as u32).map(|b| b + 1).collect();
     let start = Instant::now();
     for _ in 0..steps {
         let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let inputs: Vec<SequenceInput> = tokens.iter().enumerate().map(|(slot, t)| SequenceInput { slot, tokens: t, logits: LogitRequest::Last }).collect();
         let logits = session.step(&inputs)?;
+        std::hint::black_box(&logits.readouts);
         next = (0..batch).map(|b| argmax(logits.last(b))).collect();
     }
-    Ok((steps * batch) as f64 / start.elapsed().as_secs_f64())
+    let rate = (steps * batch) as f64 / start.elapsed().as_secs_f64();
+    std::hint::black_box(session.take_captures());
+    Ok(rate)
 }
 
 /// Streaming-read bandwidth in bytes/s with the backend's threads (median of 5 passes over 1 GiB).
@@ -114,33 +218,53 @@ fn memory_bandwidth(backend: &CpuBackend) -> f64 {
     summarize(rates).median
 }
 
+/// `none / condition − 1` per round: the extra time a condition costs (0.01 = 1% slower).
+fn overheads(baseline: &[f64], condition: &[f64]) -> Vec<f64> {
+    baseline.iter().zip(condition).map(|(b, c)| b / c - 1.0).collect()
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     anyhow::ensure!(args.repeats > 0 && args.batch > 0, "--repeats and --batch must be positive");
+    anyhow::ensure!(!args.conditions.is_empty() && !args.dtypes.is_empty(), "give at least one condition and one dtype");
     let mut models = Vec::new();
     for &dtype in &args.dtypes {
         let model_args = super::ModelArgs { model: args.model.clone(), dtype, threads: args.threads };
         models.push(model_args.load()?);
     }
     let config = models[0].config.clone();
+    let (hidden, layers) = (config.hidden_size, config.num_hidden_layers);
+    let shared = match &args.steer_file {
+        Some(path) => super::steering::VectorCache::default().load(&models[0], path)?,
+        None => random_vector(hidden, layers, 1.0, 7),
+    };
+    let vectors = BenchVectors { shared, per_sequence: (0..args.batch).map(|s| random_vector(hidden, layers, 1.0, 100 + s as u64)).collect() };
     let backend_name = models[0].backend.name();
     let bandwidth = memory_bandwidth(&models[0].backend);
     let prompt = bench_tokens(args.prompt_tokens, config.vocab_size);
     // Warm-up: first touches of weights and buffers are not part of the measurement.
     for model in &models {
-        if args.prompt_tokens > 0 {
-            measure_prefill(model, &prompt[..prompt.len().min(64)])?;
+        for condition in &args.conditions {
+            let setup = Setup { condition, vectors: &vectors };
+            if args.prompt_tokens > 0 {
+                measure_prefill(model, &prompt[..prompt.len().min(64)], &setup)?;
+            }
+            measure_decode(model, 4, args.batch, &setup)?;
         }
-        measure_decode(model, 4, args.batch)?;
     }
-    let mut prefill: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
-    let mut decode: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
+    // samples[m][c]: every repeat of model m under condition c, interleaved round by round.
+    let cells = args.conditions.len();
+    let mut prefill: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cells]; models.len()];
+    let mut decode: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cells]; models.len()];
     for _ in 0..args.repeats {
         for (m, model) in models.iter().enumerate() {
-            if args.prompt_tokens > 0 {
-                prefill[m].push(measure_prefill(model, &prompt)?);
-            }
-            if args.decode_tokens > 0 {
-                decode[m].push(measure_decode(model, args.decode_tokens, args.batch)?);
+            for (c, condition) in args.conditions.iter().enumerate() {
+                let setup = Setup { condition, vectors: &vectors };
+                if args.prompt_tokens > 0 {
+                    prefill[m][c].push(measure_prefill(model, &prompt, &setup)?);
+                }
+                if args.decode_tokens > 0 {
+                    decode[m][c].push(measure_decode(model, args.decode_tokens, args.batch, &setup)?);
+                }
             }
         }
     }
@@ -149,29 +273,59 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let kv_bytes = mean_context * (config.num_hidden_layers * 2 * config.kv_dim() * 4) as f64 * args.batch as f64;
     println!("engram bench: {} | {} | p={} n={} batch={} repeats={}", args.model.display(), backend_name, args.prompt_tokens, args.decode_tokens, args.batch, args.repeats);
     println!("memory bandwidth (streaming read): {:.1} GB/s", bandwidth / 1e9);
-    println!("{:<6} {:>10} {:>22} {:>22} {:>12} {:>8}", "dtype", "weights", "prefill tok/s (IQR)", "decode tok/s (IQR)", "floor tok/s", "of floor");
+    println!(
+        "{:<6} {:<24} {:>10} {:>22} {:>22} {:>10} {:>8} {:>22} {:>22}",
+        "dtype", "condition", "weights", "prefill tok/s (IQR)", "decode tok/s (IQR)", "floor", "of floor", "prefill overhead (IQR)", "decode overhead (IQR)"
+    );
+    let show = |s: &Option<Summary>| s.as_ref().map_or("-".to_string(), |s| format!("{:.1} ({:.1}-{:.1})", s.median, s.q1, s.q3));
+    let show_overhead = |s: &Option<Summary>| s.as_ref().map_or("-".to_string(), |s| format!("{:+.2}% ({:+.2}..{:+.2})", 100.0 * s.median, 100.0 * s.q1, 100.0 * s.q3));
+    let baseline = args.conditions.iter().position(|c| c.name == "none");
     let mut results = Vec::new();
     for (m, model) in models.iter().enumerate() {
         let bytes_per_token = model.weights.matrix_bytes as f64 / args.batch as f64 + kv_bytes / args.batch as f64;
         let floor = bandwidth / bytes_per_token;
-        let p = (!prefill[m].is_empty()).then(|| summarize(prefill[m].clone()));
-        let d = (!decode[m].is_empty()).then(|| summarize(decode[m].clone()));
-        let show = |s: &Option<Summary>| s.as_ref().map_or("-".to_string(), |s| format!("{:.1} ({:.1}-{:.1})", s.median, s.q1, s.q3));
-        let of_floor = d.as_ref().map_or("-".to_string(), |d| format!("{:.0}%", 100.0 * d.median / floor));
-        println!("{:<6} {:>8.1}MB {:>22} {:>22} {:>12.1} {:>8}", model.weights.dtype, model.weights.matrix_bytes as f64 / 1e6, show(&p), show(&d), floor, of_floor);
-        results.push(DtypeResult {
-            dtype: model.weights.dtype.to_string(),
-            weight_bytes: model.weights.matrix_bytes,
-            prefill_tokens_per_second: p,
-            decode_tokens_per_second: d,
-            decode_bytes_per_token: bytes_per_token,
-            decode_floor_tokens_per_second: floor,
-        });
+        for (c, condition) in args.conditions.iter().enumerate() {
+            let p = (!prefill[m][c].is_empty()).then(|| summarize(prefill[m][c].clone()));
+            let d = (!decode[m][c].is_empty()).then(|| summarize(decode[m][c].clone()));
+            let overhead = |samples: &Vec<Vec<f64>>| match baseline {
+                Some(b) if b != c && !samples[c].is_empty() => Some(summarize(overheads(&samples[b], &samples[c]))),
+                _ => None,
+            };
+            let (p_over, d_over) = (overhead(&prefill[m]), overhead(&decode[m]));
+            let of_floor = d.as_ref().map_or("-".to_string(), |d| format!("{:.0}%", 100.0 * d.median / floor));
+            println!(
+                "{:<6} {:<24} {:>8.1}MB {:>22} {:>22} {:>10.1} {:>8} {:>22} {:>22}",
+                model.weights.dtype,
+                condition.name,
+                model.weights.matrix_bytes as f64 / 1e6,
+                show(&p),
+                show(&d),
+                floor,
+                of_floor,
+                show_overhead(&p_over),
+                show_overhead(&d_over)
+            );
+            results.push(serde_json::json!({
+                "dtype": model.weights.dtype.to_string(),
+                "condition": condition.name,
+                "weight_bytes": model.weights.matrix_bytes,
+                "prefill_tokens_per_second": p,
+                "decode_tokens_per_second": d,
+                "prefill_overhead": p_over,
+                "decode_overhead": d_over,
+                "decode_bytes_per_token": bytes_per_token,
+                "decode_floor_tokens_per_second": floor,
+            }));
+        }
+    }
+    if baseline.is_none() && args.conditions.len() > 1 {
+        println!("(add `none` to --conditions for overhead ratios)");
     }
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "model": args.model, "backend": backend_name, "prompt_tokens": args.prompt_tokens,
             "decode_tokens": args.decode_tokens, "batch": args.batch, "repeats": args.repeats,
+            "conditions": args.conditions.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
             "memory_bandwidth_bytes_per_second": bandwidth, "results": results,
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

@@ -116,6 +116,8 @@ pub struct Session<'m, B: Backend> {
     points: Vec<FusedPoint>,
     captured: Vec<CaptureRecord>,
     means: MeanAccumulator,
+    /// Host copy of the readout and capture buffers, sized with them, reused every step.
+    staging: Vec<f32>,
 }
 
 /// One token row of a step.
@@ -133,8 +135,8 @@ impl<'m, B: Backend> Session<'m, B> {
     fn collect_outputs(&mut self, chunk: &[Row], readout_len: usize, capture_rows: usize, readouts: &mut Vec<ReadoutRecord>) -> Result<()> {
         let hidden = self.model.config.hidden_size;
         if readout_len > 0 {
-            let mut values = vec![0.0f32; readout_len];
-            self.model.backend.download(&self.scratch.readout, &mut values)?;
+            let values = &mut self.staging[..readout_len];
+            self.model.backend.download(&self.scratch.readout, values)?;
             let probes = self.readout.as_ref().map_or(0, |r| r.probes.len());
             let mut records = Vec::with_capacity(chunk.len() * self.points.len());
             for (k, row) in chunk.iter().enumerate() {
@@ -155,8 +157,8 @@ impl<'m, B: Backend> Session<'m, B> {
             readouts.extend(records);
         }
         if capture_rows > 0 {
-            let mut values = vec![0.0f32; capture_rows * hidden];
-            self.model.backend.download(&self.scratch.capture, &mut values)?;
+            let values = &mut self.staging[..capture_rows * hidden];
+            self.model.backend.download(&self.scratch.capture, values)?;
             let mean = self.capture.as_ref().is_some_and(|c| c.positions == CapturePositions::MeanPrompt);
             for point in all_points(self.model.config.num_hidden_layers) {
                 for &(k, dest) in &self.points[point.index()].capture {
@@ -204,6 +206,7 @@ impl<'m, B: Backend> Session<'m, B> {
             points: vec![FusedPoint::default(); 2 * layers],
             captured: Vec::new(),
             means: MeanAccumulator::default(),
+            staging: Vec::new(),
         };
         session.size_outputs()?;
         Ok(session)
@@ -284,7 +287,12 @@ impl<'m, B: Backend> Session<'m, B> {
         let rows = self.options.max_batch_rows;
         let readout_len = self.readout.as_ref().map_or(0, |r| r.points.len() * rows * (1 + r.probes.len()));
         let capture_len = self.capture.as_ref().map_or(0, |c| c.points.len() * rows * self.model.config.hidden_size);
-        self.scratch.size_outputs(&self.model.backend, readout_len, capture_len)
+        self.scratch.size_outputs(&self.model.backend, readout_len, capture_len)?;
+        // Poisoned at set-up: every value is written before it is read, so a missed write shows
+        // as NaN; and the pages are touched here, not on the first step that captures.
+        self.staging = vec![f32::NAN; readout_len.max(capture_len)];
+        self.model.backend.upload(&self.staging[..readout_len], &mut self.scratch.readout)?;
+        self.model.backend.upload(&self.staging[..capture_len], &mut self.scratch.capture)
     }
 
     fn upload_pool(&mut self) -> Result<()> {

@@ -224,7 +224,7 @@ impl Backend for CpuBackend {
         let point = fused.point;
         let directions = &fused.directions[..];
         let probes = point.probes.len();
-        let step = |r: usize, hr: &mut [f32], xr: &mut [f32], readout: Option<&mut [f32]>| {
+        let step = |r: usize, hr: &mut [f32], xr: &mut [f32], readout: Option<&mut [f32]>, capture: Option<&mut [f32]>| {
             let d = &delta[r * dim..(r + 1) * dim];
             for (hv, dv) in hr.iter_mut().zip(d) {
                 *hv += dv;
@@ -239,6 +239,10 @@ impl Backend for CpuBackend {
                     *o = if p == NO_DIRECTION { f32::NAN } else { simd::dot_f32(level, hr, &directions[p as usize * dim..(p as usize + 1) * dim]) };
                 }
             }
+            // Captured while the row is in cache, by the thread that owns it.
+            if let Some(dst) = capture {
+                dst.copy_from_slice(hr);
+            }
             let s = rms_scale(level, hr, eps);
             for ((x, &hv), &w) in xr.iter_mut().zip(hr.iter()).zip(norm_weight.iter()) {
                 *x = hv * s * w;
@@ -249,20 +253,30 @@ impl Backend for CpuBackend {
             Some(offset) => fused.readout[offset..offset + rows * width].chunks_mut(width).map(Some).collect(),
             None => (0..rows).map(|_| None).collect(),
         };
+        // Each captured row's destination: capture rows are distinct, so the chunks are disjoint.
+        let mut capture_rows: Vec<Option<&mut [f32]>> = (0..rows).map(|_| None).collect();
+        if !point.capture.is_empty() {
+            let mut dest_of: Vec<Option<usize>> = vec![None; point.capture.iter().map(|&(_, d)| d as usize + 1).max().unwrap_or(0)];
+            for &(row, dest) in &point.capture {
+                dest_of[dest as usize] = Some(row as usize);
+            }
+            for (dest, chunk) in fused.capture[..dest_of.len() * dim].chunks_mut(dim).enumerate() {
+                if let Some(row) = dest_of[dest] {
+                    capture_rows[row] = Some(chunk);
+                }
+            }
+        }
         if rows == 1 {
-            step(0, &mut h[..dim], &mut x_out[..dim], readout_rows.pop().flatten());
+            step(0, &mut h[..dim], &mut x_out[..dim], readout_rows.pop().flatten(), capture_rows.pop().flatten());
         } else {
             h[..rows * dim]
                 .par_chunks_mut(dim)
                 .zip(x_out[..rows * dim].par_chunks_mut(dim))
                 .zip(readout_rows.into_par_iter())
+                .zip(capture_rows.into_par_iter())
                 .enumerate()
                 .with_min_len(ROWS_PER_TASK)
-                .for_each(|(r, ((hr, xr), ro))| step(r, hr, xr, ro));
-        }
-        for &(row, dest) in &point.capture {
-            let (row, dest) = (row as usize, dest as usize);
-            fused.capture[dest * dim..(dest + 1) * dim].copy_from_slice(&h[row * dim..(row + 1) * dim]);
+                .for_each(|(r, (((hr, xr), ro), ca))| step(r, hr, xr, ro, ca));
         }
     }
 

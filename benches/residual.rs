@@ -59,11 +59,12 @@ fn residual_step(c: &mut Criterion) {
         for (name, mode, per_row, with_readout, with_capture) in cases {
             let point = table(rows, mode, per_row, with_readout, with_capture);
             group.bench_function(BenchmarkId::new(name, format!("{rows}rows")), |bench| {
+                // Called directly, not through backend.run: the forward pass enters the thread
+                // pool once per pass, and entering it per call would dominate a 1-row step.
+                // Several rows run on rayon's global pool (one thread per core).
                 bench.iter(|| {
-                    backend.run(|| {
-                        let fused = FusedArgs { point: &point, directions: &directions, readout: &mut readout, capture: &mut capture };
-                        backend.residual_step(&mut h, &delta, rows, DIM, &weight, 1e-5, &mut x, fused);
-                    });
+                    let fused = FusedArgs { point: &point, directions: &directions, readout: &mut readout, capture: &mut capture };
+                    backend.residual_step(&mut h, &delta, rows, DIM, &weight, 1e-5, &mut x, fused);
                     // Keep h bounded: the step adds delta every iteration.
                     h.copy_from_slice(&delta);
                 })

@@ -42,7 +42,8 @@ pub struct BenchArgs {
     /// Conditions measured in turn every repeat, comma-separated; each is `none` or features
     /// joined by `+`: steer (a vector at every layer and token), per-seq (each sequence of the
     /// batch its own vector), relative, clamp (conditional steering), capture (every layer at
-    /// every token), readout (|h| and projections at every layer).
+    /// every token), readout (|h| and projections at every layer). A second `none` is reported
+    /// as an A/A control: its overhead against the first shows the measurement's own bias.
     #[arg(long, value_delimiter = ',', default_value = "none")]
     conditions: Vec<Condition>,
     /// Steer with this vector file instead of random vectors (per-seq still uses random ones).
@@ -183,23 +184,37 @@ fn measure_prefill(model: &Model<CpuBackend>, tokens: &[u32], setup: &Setup<'_>)
     Ok(rate)
 }
 
-fn measure_decode(model: &Model<CpuBackend>, steps: usize, batch: usize, setup: &Setup<'_>) -> Result<f64> {
-    let mut session = setup.session(model, SessionOptions::new(batch, steps + 1))?;
-    for slot in 0..batch {
-        session.begin_generation(slot)?; // every row is a generated row
+/// Decode tokens/s of every condition, interleaved step by step: one session per condition, and
+/// each decode step runs under every condition in a rotating order, each timed on its own. A
+/// slowdown from elsewhere on the machine lasting longer than a few steps hits all conditions
+/// alike, so the per-condition ratios resolve far smaller overheads than whole-run timings.
+fn measure_decode(model: &Model<CpuBackend>, steps: usize, batch: usize, setups: &[Setup<'_>]) -> Result<Vec<f64>> {
+    let mut sessions = Vec::new();
+    for setup in setups {
+        let mut session = setup.session(model, SessionOptions::new(batch, steps + 1))?;
+        for slot in 0..batch {
+            session.begin_generation(slot)?; // every row is a generated row
+        }
+        sessions.push(session);
     }
-    let mut next: Vec<u32> = (0..batch as u32).map(|b| b + 1).collect();
-    let start = Instant::now();
-    for _ in 0..steps {
-        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let inputs: Vec<SequenceInput> = tokens.iter().enumerate().map(|(slot, t)| SequenceInput { slot, tokens: t, logits: LogitRequest::Last }).collect();
-        let logits = session.step(&inputs)?;
-        std::hint::black_box(&logits.readouts);
-        next = (0..batch).map(|b| argmax(logits.last(b))).collect();
+    let mut next: Vec<Vec<u32>> = vec![(0..batch as u32).map(|b| b + 1).collect(); setups.len()];
+    let mut seconds = vec![0.0f64; setups.len()];
+    for step in 0..steps {
+        for k in 0..setups.len() {
+            let c = (step + k) % setups.len();
+            let tokens: Vec<[u32; 1]> = next[c].iter().map(|&t| [t]).collect();
+            let inputs: Vec<SequenceInput> = tokens.iter().enumerate().map(|(slot, t)| SequenceInput { slot, tokens: t, logits: LogitRequest::Last }).collect();
+            let start = Instant::now();
+            let logits = sessions[c].step(&inputs)?;
+            std::hint::black_box(&logits.readouts);
+            next[c] = (0..batch).map(|b| argmax(logits.last(b))).collect();
+            seconds[c] += start.elapsed().as_secs_f64();
+        }
     }
-    let rate = (steps * batch) as f64 / start.elapsed().as_secs_f64();
-    std::hint::black_box(session.take_captures());
-    Ok(rate)
+    for session in &mut sessions {
+        std::hint::black_box(session.take_captures());
+    }
+    Ok(seconds.iter().map(|s| (steps * batch) as f64 / s).collect())
 }
 
 /// Streaming-read bandwidth in bytes/s with the backend's threads (median of 5 passes over 1 GiB).
@@ -242,28 +257,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let bandwidth = memory_bandwidth(&models[0].backend);
     let prompt = bench_tokens(args.prompt_tokens, config.vocab_size);
     // Warm-up: first touches of weights and buffers are not part of the measurement.
+    let setups: Vec<Setup> = args.conditions.iter().map(|condition| Setup { condition, vectors: &vectors }).collect();
     for model in &models {
-        for condition in &args.conditions {
-            let setup = Setup { condition, vectors: &vectors };
+        for setup in &setups {
             if args.prompt_tokens > 0 {
-                measure_prefill(model, &prompt[..prompt.len().min(64)], &setup)?;
+                measure_prefill(model, &prompt[..prompt.len().min(64)], setup)?;
             }
-            measure_decode(model, 4, args.batch, &setup)?;
         }
+        measure_decode(model, 4, args.batch, &setups)?;
     }
     // samples[m][c]: every repeat of model m under condition c, interleaved round by round.
     let cells = args.conditions.len();
     let mut prefill: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cells]; models.len()];
     let mut decode: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cells]; models.len()];
-    for _ in 0..args.repeats {
+    for repeat in 0..args.repeats {
         for (m, model) in models.iter().enumerate() {
-            for (c, condition) in args.conditions.iter().enumerate() {
-                let setup = Setup { condition, vectors: &vectors };
-                if args.prompt_tokens > 0 {
-                    prefill[m][c].push(measure_prefill(model, &prompt, &setup)?);
+            if args.prompt_tokens > 0 {
+                // Prefills are long single steps: interleave per repeat, rotating the order.
+                for k in 0..cells {
+                    let c = (repeat + k) % cells;
+                    prefill[m][c].push(measure_prefill(model, &prompt, &setups[c])?);
                 }
-                if args.decode_tokens > 0 {
-                    decode[m][c].push(measure_decode(model, args.decode_tokens, args.batch, &setup)?);
+            }
+            if args.decode_tokens > 0 {
+                for (c, rate) in measure_decode(model, args.decode_tokens, args.batch, &setups)?.into_iter().enumerate() {
+                    decode[m][c].push(rate);
                 }
             }
         }
@@ -293,10 +311,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             };
             let (p_over, d_over) = (overhead(&prefill[m]), overhead(&decode[m]));
             let of_floor = d.as_ref().map_or("-".to_string(), |d| format!("{:.0}%", 100.0 * d.median / floor));
+            // A second `none` is an A/A control: its "overhead" is the measurement's own bias.
+            let label = if condition.name == "none" && Some(c) != baseline { "none (A/A control)".to_string() } else { condition.name.clone() };
             println!(
                 "{:<6} {:<24} {:>8.1}MB {:>22} {:>22} {:>10.1} {:>8} {:>22} {:>22}",
                 model.weights.dtype,
-                condition.name,
+                label,
                 model.weights.matrix_bytes as f64 / 1e6,
                 show(&p),
                 show(&d),
@@ -307,7 +327,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
             results.push(serde_json::json!({
                 "dtype": model.weights.dtype.to_string(),
-                "condition": condition.name,
+                "condition": label,
                 "weight_bytes": model.weights.matrix_bytes,
                 "prefill_tokens_per_second": p,
                 "decode_tokens_per_second": d,

@@ -2,6 +2,8 @@
 //! compute|show`, `--steer` on logits and generate (global and per sequence), capture and
 //! readout files, and the refusals of bad vectors and options.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -49,14 +51,10 @@ fn write_test_vector(dir: &Path, name: &str, seed: u32, hidden: usize) -> PathBu
     path
 }
 
-fn read_npy(path: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec::<f32>().unwrap()
-}
 
 fn logits(model: &Path, out: &Path, extra: &[&str]) -> Vec<f32> {
     run_ok(engram().args(["logits", "-m"]).arg(model).args(["-p", "Steer this prompt", "-o"]).arg(out).args(extra));
-    read_npy(out)
+    common::read_npy(out)
 }
 
 #[test]

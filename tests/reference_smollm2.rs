@@ -46,25 +46,13 @@ struct TokenizerCase {
 }
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2")
+    common::smollm2_fixture_dir()
 }
 
 fn load_fixture() -> Option<(Fixture, PathBuf)> {
     let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("reference.json")).unwrap()).unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(&fixture.model_file);
-    if !model.exists() {
-        if std::env::var("ENGRAM_REQUIRE_MODEL").as_deref() == Ok("1") {
-            panic!("{} is missing and ENGRAM_REQUIRE_MODEL=1: run tools/fetch_model.sh", model.display());
-        }
-        eprintln!("SKIPPED: {} is missing (run tools/fetch_model.sh)", model.display());
-        return None;
-    }
+    let model = common::require_model(&fixture.model_file)?;
     Some((fixture, model))
-}
-
-fn read_npy(path: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
 }
 
 fn load(model: &Path, dtype: DType) -> Model<CpuBackend> {
@@ -122,7 +110,7 @@ fn f32_logits_and_greedy_tokens_match_transformers() {
     let Some((fixture, model_path)) = load_fixture() else { return };
     let model = load(&model_path, DType::F32);
     for case in &fixture.cases {
-        let want = read_npy(&fixture_dir().join(&case.logits_file));
+        let want = common::read_npy(&fixture_dir().join(&case.logits_file));
         let err = logit_error(&last_logits(&model, &case.token_ids), &want);
         eprintln!("f32 {}: relative logit error {err:.2e}", case.name);
         assert!(err <= 1e-3, "{}: logits differ by {err} of max |logit|", case.name);
@@ -140,7 +128,7 @@ fn bf16_logits_stay_within_the_stated_bound() {
     let Some((fixture, model_path)) = load_fixture() else { return };
     let model = load(&model_path, DType::BF16);
     for case in &fixture.cases {
-        let want = read_npy(&fixture_dir().join(&case.logits_file));
+        let want = common::read_npy(&fixture_dir().join(&case.logits_file));
         let err = logit_error(&last_logits(&model, &case.token_ids), &want);
         eprintln!("bf16 {}: relative logit error {err:.2e}", case.name);
         assert!(err <= 1.5e-2, "{}: bf16 logits differ by {err} of max |logit|", case.name);

@@ -6,6 +6,8 @@
 //!
 //! Skipped with a printed reason when models/ lacks the model, unless ENGRAM_REQUIRE_MODEL=1.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +16,7 @@ use engram::generate::{self, GenerationRequest, SamplingParams, StopParams};
 use engram::model::ModelFiles;
 use engram::session::{LogitRequest, SequenceInput};
 use engram::steer::files::read_vector;
-use engram::steer::{SteeringPlan, SteeringTerm};
+use engram::steer::{CapturePlan, CapturePositions, Point, SteeringPlan, SteeringTerm};
 use engram::{DType, Model, Session, SessionOptions};
 use serde::Deserialize;
 
@@ -38,28 +40,20 @@ struct Case {
     max_abs_logit_change: f32,
     greedy_tokens: Vec<u32>,
     greedy_margins: Vec<f32>,
+    /// Norms of transformers' steered hidden_states[i] at the last prompt position (the last
+    /// entry has the final norm applied; the raw last block output is `last_block_norm`).
+    residual_norms: Vec<f64>,
+    last_block_norm: f64,
 }
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2")
+    common::smollm2_fixture_dir()
 }
 
 fn load_fixture() -> Option<(Fixture, PathBuf)> {
     let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("steering.json")).unwrap()).unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(&fixture.model_file);
-    if !model.exists() {
-        if std::env::var("ENGRAM_REQUIRE_MODEL").as_deref() == Ok("1") {
-            panic!("{} is missing and ENGRAM_REQUIRE_MODEL=1: run tools/fetch_model.sh", model.display());
-        }
-        eprintln!("SKIPPED: {} is missing (run tools/fetch_model.sh)", model.display());
-        return None;
-    }
+    let model = common::require_model(&fixture.model_file)?;
     Some((fixture, model))
-}
-
-fn read_npy(path: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
 }
 
 fn plan(fixture: &Fixture, case: &Case) -> Option<SteeringPlan> {
@@ -80,10 +74,21 @@ fn steered_logits_and_greedy_tokens_match_the_hooked_transformers_model() {
     let model: Model<CpuBackend> = Model::load(CpuBackend::new(2, None).unwrap(), ModelFiles::open(&model_path).unwrap(), DType::F32, |_, _| {}).unwrap();
     let mut argmax_changes = 0;
     for case in &fixture.cases {
-        let want = read_npy(&fixture_dir().join(&case.logits_file));
+        let want = common::read_npy(&fixture_dir().join(&case.logits_file));
+        let layers = model.config.num_hidden_layers;
         let mut session = Session::new(&model, SessionOptions::new(1, case.token_ids.len())).unwrap();
         session.set_steering(0, plan(&fixture, case)).unwrap();
+        session.set_capture(Some(CapturePlan { points: (0..layers).map(Point::Block).collect(), positions: CapturePositions::LastPrompt })).unwrap();
         let got = session.step(&[SequenceInput { slot: 0, tokens: &case.token_ids, logits: LogitRequest::Last }]).unwrap().per_input.remove(0);
+        // The captured (steered) residual of every block against transformers' hidden states.
+        let captures = session.take_captures();
+        assert_eq!(captures.len(), layers);
+        for record in &captures {
+            let layer = record.point.layer();
+            let want = if layer + 1 == layers { case.last_block_norm } else { case.residual_norms[layer + 1] };
+            let norm = record.values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            assert!((norm - want).abs() <= 1e-4 * want, "{}: captured layer {layer} norm {norm} vs transformers {want}", case.name);
+        }
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let err = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
         eprintln!("{}: relative logit error {err:.2e} (steering moved the logits by up to {:.2})", case.name, case.max_abs_logit_change);

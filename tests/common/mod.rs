@@ -162,3 +162,28 @@ pub fn relative_error(a: &[f32], b: &[f64]) -> f64 {
     let max_diff = a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
     max_diff / max_ref.max(1e-12)
 }
+
+/// `tests/fixtures/smollm2`, where tools/make_reference.py and make_steering_reference.py write.
+pub fn smollm2_fixture_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2")
+}
+
+/// The default model's path under models/, or None (with a printed reason) when it is missing.
+/// With ENGRAM_REQUIRE_MODEL=1 (set by .ci/run) a missing model is a failure, not a skip.
+pub fn require_model(file_name: &str) -> Option<std::path::PathBuf> {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(file_name);
+    if !model.exists() {
+        if std::env::var("ENGRAM_REQUIRE_MODEL").as_deref() == Ok("1") {
+            panic!("{} is missing and ENGRAM_REQUIRE_MODEL=1: run tools/fetch_model.sh", model.display());
+        }
+        eprintln!("SKIPPED: {} is missing (run tools/fetch_model.sh)", model.display());
+        return None;
+    }
+    Some(model)
+}
+
+/// A float32 .npy file's values.
+pub fn read_npy(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
+}

@@ -33,6 +33,7 @@ pub mod error;
 pub mod forward;
 pub mod generate;
 pub mod kv;
+pub mod memory;
 pub mod model;
 pub mod session;
 pub mod steer;

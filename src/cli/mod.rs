@@ -6,6 +6,7 @@ mod generate;
 mod info;
 mod logits;
 mod make_random;
+mod memory;
 mod prompts;
 mod steering;
 mod vectors;
@@ -44,6 +45,8 @@ enum Command {
     MakeRandom(make_random::MakeRandomArgs),
     /// Compute steering vectors from contrastive prompts, or show a vector file.
     Vectors(vectors::VectorsArgs),
+    /// Neural procedural memory: distil, list, show, merge, export and retrieve memory banks.
+    Memory(memory::MemoryArgs),
 }
 
 /// Options every command that runs a model takes.
@@ -86,5 +89,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::MakeRandom(args) => make_random::run(args),
         Command::Vectors(args) => vectors::run(args),
+        Command::Memory(args) => memory::run(args),
     }
 }

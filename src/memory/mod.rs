@@ -1,0 +1,13 @@
+//! Neural procedural memory: experiences (episodes as JSON lines), the agent context built from
+//! them, distillation of success-minus-failure steering directions into a memory bank (one
+//! safetensors file), and retrieval of memories for a task by the cosine similarity of keys.
+
+pub mod bank;
+pub mod context;
+pub mod distill;
+pub mod experience;
+pub mod retrieve;
+
+pub use bank::{Memory, MemoryBank};
+pub use context::Position;
+pub use experience::{Episode, ExperienceReader, Step};

@@ -219,14 +219,25 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
         }
     }
     let total = items.len();
+    let mut rows_of_episode = vec![Vec::new(); episodes.len()];
+    for (r, &i) in owner.iter().enumerate() {
+        rows_of_episode[i].push(r);
+    }
     let activations = capture_spans(model, &items, &layers, options.batch, |done| progress(done, total))?;
+    // Every episode's instruction key, `[episodes, hidden]`, in one batched capture.
+    let instruction_ids = episodes.iter().map(|e| model.tokenizer.encode(&e.instruction, true)).collect::<Result<Vec<_>>>()?;
+    let instruction_keys = capture_prompts(model, &instruction_ids, &[key_layer], PromptReduction::Mean, options.batch.max(1), |_| {})?
+        .into_iter()
+        .next()
+        .expect("one layer")
+        .values;
     let mut bank = MemoryBank::new(Some(config.architecture.model_type().to_string()), hidden, layer_count);
     let mut errors = Vec::new();
     let direction_options = DirectionOptions::new(options.method);
     for (group_key, members) in &groups {
         let name = name_from(group_key);
         let group: Vec<&Episode> = members.iter().map(|&i| &episodes[i]).collect();
-        let rows_of = |success: bool| -> Vec<usize> { (0..total).filter(|&r| members.contains(&owner[r]) && episodes[owner[r]].success == success).collect() };
+        let rows_of = |success: bool| -> Vec<usize> { members.iter().flat_map(|&i| rows_of_episode[i].clone()).filter(|&r| episodes[owner[r]].success == success).collect() };
         let (pos_rows, neg_rows) = (rows_of(true), rows_of(false));
         let counts = Counts {
             episodes: group.len(),
@@ -270,9 +281,10 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
         }
         // Key: the mean of the group's instruction keys.
         let mut key = vec![0.0f64; hidden];
-        for e in &group {
-            for (a, v) in key.iter_mut().zip(instruction_key(model, &e.instruction, key_layer)?) {
-                *a += v as f64 / group.len() as f64;
+        for &i in members {
+            let row = &instruction_keys[i * hidden..(i + 1) * hidden];
+            for (a, &v) in key.iter_mut().zip(row) {
+                *a += v as f64 / members.len() as f64;
             }
         }
         let kind = group[0].kind.clone();
@@ -299,7 +311,39 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
     use crate::memory::experience::Step;
+    use crate::model::config::Architecture;
+    use crate::model::random::{tiny_config, write_random_model};
+    use crate::model::ModelFiles;
+    use crate::DType;
+
+    /// A span's mean equals the mean of the last-token captures of each prefix ending in the span
+    /// (causality), whatever the batch; a one-row span equals the last-token capture.
+    #[test]
+    fn span_means_match_prefix_captures() {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), &tiny_config(Architecture::Llama), DType::F32, 5).unwrap();
+        let model = Model::load(CpuBackend::new(2, None).unwrap(), ModelFiles::open(dir.path()).unwrap(), DType::F32, |_, _| {}).unwrap();
+        let hidden = model.config.hidden_size;
+        let seq = |n: usize, seed: u32| -> Vec<u32> { (0..n as u32).map(|i| (i * 37 + seed * 11) % 250 + 3).collect() };
+        let items = vec![(seq(9, 1), 5), (seq(4, 2), 3), (seq(12, 3), 7)];
+        let layers = [0, 2];
+        let batched = capture_spans(&model, &items, &layers, 2, |_| {}).unwrap();
+        let single = capture_spans(&model, &items, &layers, 1, |_| {}).unwrap();
+        for (k, &layer) in layers.iter().enumerate() {
+            for (i, (tokens, start)) in items.iter().enumerate() {
+                let prefixes: Vec<Vec<u32>> = (*start..tokens.len()).map(|p| tokens[..=p].to_vec()).collect();
+                let lasts = capture_prompts(&model, &prefixes, &[layer], PromptReduction::Last, 4, |_| {}).unwrap().remove(0).values;
+                for h in 0..hidden {
+                    let expect = (0..prefixes.len()).map(|p| lasts[p * hidden + h] as f64).sum::<f64>() / prefixes.len() as f64;
+                    for got in [batched[k][i * hidden + h], single[k][i * hidden + h]] {
+                        assert!((got as f64 - expect).abs() < 1e-4 * (1.0 + expect.abs()), "layer {layer} item {i} element {h}: {got} vs {expect}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn parses_options_and_builds_workflows() {

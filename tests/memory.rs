@@ -77,7 +77,7 @@ fn distilled_direction_separates_successes_held_out() {
     let dir = tiny_model();
     let model = load(dir.path());
     for position in [Position::ContextLast, Position::ActionMean] {
-        for method in [Method::Mean, Method::Probe] {
+        for method in [Method::Mean, Method::Pca, Method::Probe] {
             let report = distill(&model, &synthetic_episodes(), &DistillOptions { method, ..options(position) }, |_, _| {}).unwrap();
             assert!(report.errors.is_empty(), "{:?}", report.errors);
             assert_eq!(report.bank.memories.len(), 3);
@@ -91,6 +91,34 @@ fn distilled_direction_separates_successes_held_out() {
                 assert_eq!(m.direction.layers(), vec![0, 1, 2]);
             }
         }
+    }
+}
+
+/// A subtler contrast: one word of the current observation differs (`gold` vs `lead`) and no
+/// history is shown. The difference of means does not find it on the tiny random model (held-out
+/// AUC 0.5–0.75: noise dimensions dominate); the probe, on standardized features, does (measured
+/// best-layer held-out AUC 0.84–0.90 per kind).
+#[test]
+fn a_one_word_contrast_is_found_held_out_by_the_probe() {
+    let dir = tiny_model();
+    let model = load(dir.path());
+    let episodes: Vec<Episode> = synthetic_episodes()
+        .into_iter()
+        .map(|mut e| {
+            for s in &mut e.steps {
+                let filler = s.observation.split('.').next().unwrap().to_string();
+                s.observation = format!("{filler}. It is made of {}.", if e.success { "gold" } else { "lead" });
+            }
+            e
+        })
+        .collect();
+    let options = DistillOptions { history: 0, method: Method::Probe, ..options(Position::ContextLast) };
+    let report = distill(&model, &episodes, &options, |_, _| {}).unwrap();
+    assert_eq!(report.bank.memories.len(), 3);
+    for m in &report.bank.memories {
+        let aucs: Vec<(usize, f64, Option<f64>)> = m.meta.layers.iter().map(|s| (s.layer, s.auc, s.held_out_auc)).collect();
+        let best = m.meta.layers.iter().filter_map(|s| s.held_out_auc).fold(0.0, f64::max);
+        assert!(best > 0.78, "{}: best held-out AUC {best} ({aucs:?})", m.meta.name);
     }
 }
 

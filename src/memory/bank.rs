@@ -320,6 +320,35 @@ pub(crate) mod tests {
         assert!(merged.get("cook_2").is_some());
         assert!(merge(&bank, &bank, None).unwrap_err().to_string().contains("'clean'"));
 
+        // Crafted corruptions: each names the file and the problem.
+        let corrupt = |file: &str, edit: &dyn Fn(&mut Vec<(String, HostTensor)>, &mut HashMap<String, String>)| -> String {
+            let mut tensors = Vec::new();
+            let mut metadata = HashMap::new();
+            metadata.insert("format".to_string(), BANK_FORMAT.to_string());
+            metadata.insert("bank".to_string(), r#"{"format_version":1,"model_hint":null,"hidden_size":8,"layer_count":3}"#.to_string());
+            let m = &bank.memories[0];
+            metadata.insert("memory.clean".to_string(), serde_json::to_string(&m.meta).unwrap());
+            tensors.push(("memory.clean.direction.1".to_string(), HostTensor::from_f32(vec![8], m.direction.get(1).unwrap().to_vec()).unwrap()));
+            tensors.push(("memory.clean.key".to_string(), HostTensor::from_f32(vec![8], m.key.clone()).unwrap()));
+            edit(&mut tensors, &mut metadata);
+            let path = dir.path().join(file);
+            crate::model::safetensors::write_safetensors(&path, &tensors, Some(metadata)).unwrap();
+            let err = MemoryBank::read(&path).unwrap_err().to_string();
+            assert!(err.contains(file), "{err}");
+            err
+        };
+        assert!(corrupt("nobank.safetensors", &|_, m| { m.remove("bank"); }).contains("no 'bank'"));
+        assert!(corrupt("json.safetensors", &|_, m| { m.insert("memory.clean".into(), "{oops".into()); }).contains("not a valid memory"));
+        assert!(corrupt("missing.safetensors", &|t, _| { t.remove(0); }).contains("missing tensor 'memory.clean.direction.1'"));
+        assert!(corrupt("shape.safetensors", &|t, _| { t[1].1 = HostTensor::from_f32(vec![2, 4], vec![0.5; 8]).unwrap(); }).contains("expected F32 [8]"));
+        assert!(corrupt("extra.safetensors", &|t, _| { t.push(("memory.other.key".into(), HostTensor::from_f32(vec![8], vec![0.5; 8]).unwrap())); }).contains("belongs to no memory"));
+        let nan = corrupt("nan.safetensors", &|t, _| {
+            let mut v = vec![0.5f32; 8];
+            v[3] = f32::NAN;
+            t[1].1 = HostTensor { shape: vec![8], data: crate::tensor::TensorData::F32(v) };
+        });
+        assert!(nan.contains("non-finite value at element 3"), "{nan}");
+
         let vector_path = dir.path().join("bad.safetensors");
         crate::steer::files::write_vector(&vector_path, &bank.memories[0].direction).unwrap();
         assert!(MemoryBank::read(&vector_path).unwrap_err().to_string().contains("not a memory bank"));

@@ -321,7 +321,8 @@ pub(crate) mod tests {
         assert!(merge(&bank, &bank, None).unwrap_err().to_string().contains("'clean'"));
 
         // Crafted corruptions: each names the file and the problem.
-        let corrupt = |file: &str, edit: &dyn Fn(&mut Vec<(String, HostTensor)>, &mut HashMap<String, String>)| -> String {
+        type Edit<'a> = &'a dyn Fn(&mut Vec<(String, HostTensor)>, &mut HashMap<String, String>);
+        let corrupt = |file: &str, edit: Edit| -> String {
             let mut tensors = Vec::new();
             let mut metadata = HashMap::new();
             metadata.insert("format".to_string(), BANK_FORMAT.to_string());

@@ -1,5 +1,7 @@
 //! The `engram` binary end to end on a tiny random model: generate (text, JSON, batches), logits, info.
 
+mod common;
+
 use std::process::Command;
 
 use engram::model::config::Architecture;
@@ -7,7 +9,7 @@ use engram::model::random::{tiny_config, write_random_model};
 use engram::DType;
 
 fn engram() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_engram"))
+    common::engram_command()
 }
 
 fn tiny_model() -> tempfile::TempDir {
@@ -16,17 +18,11 @@ fn tiny_model() -> tempfile::TempDir {
     dir
 }
 
-fn run_ok(cmd: &mut Command) -> (String, String) {
-    let out = cmd.output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    assert!(out.status.success(), "command failed\nstdout: {stdout}\nstderr: {stderr}");
-    (stdout, stderr)
-}
 
 #[test]
 fn generate_json_reports_ids_text_and_speeds() {
     let dir = tiny_model();
-    let (stdout, stderr) = run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "Hello", "--chat", "--system", "Be brief.", "-n", "6", "--ignore-eos", "--json", "--threads", "2"]));
+    let (stdout, stderr) = common::run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "Hello", "--chat", "--system", "Be brief.", "-n", "6", "--ignore-eos", "--json", "--threads", "2"]));
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let prompt_ids: Vec<u64> = v["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
     // ChatML: <|im_start|> (257) opens the system turn, and the prompt ends with "assistant\n".
@@ -43,11 +39,11 @@ fn a_prompts_file_runs_as_one_batch_and_matches_single_runs() {
     let dir = tiny_model();
     let prompts = dir.path().join("prompts.jsonl");
     std::fs::write(&prompts, "\"The cat\"\n{\"prompt\": \"A much longer prompt here\", \"max_tokens\": 3}\n").unwrap();
-    let (stdout, _) = run_ok(engram().args(["generate", "-m"]).arg(dir.path()).arg("--prompts").arg(&prompts).args(["-n", "5", "--ignore-eos", "--json"]));
+    let (stdout, _) = common::run_ok(engram().args(["generate", "-m"]).arg(dir.path()).arg("--prompts").arg(&prompts).args(["-n", "5", "--ignore-eos", "--json"]));
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1]["generated_ids"].as_array().unwrap().len(), 3);
-    let (single, _) = run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "The cat", "-n", "5", "--ignore-eos", "--json"]));
+    let (single, _) = common::run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "The cat", "-n", "5", "--ignore-eos", "--json"]));
     let single: serde_json::Value = serde_json::from_str(single.trim()).unwrap();
     assert_eq!(single["generated_ids"], lines[0]["generated_ids"]);
 }
@@ -77,7 +73,7 @@ fn an_over_long_prompt_is_an_error_not_a_panic() {
 fn logits_are_written_as_npy_with_the_right_shape() {
     let dir = tiny_model();
     let out = dir.path().join("logits.npy");
-    run_ok(engram().args(["logits", "-m"]).arg(dir.path()).args(["-p", "abc", "--all-positions", "-o"]).arg(&out));
+    common::run_ok(engram().args(["logits", "-m"]).arg(dir.path()).args(["-p", "abc", "--all-positions", "-o"]).arg(&out));
     let bytes = std::fs::read(&out).unwrap();
     let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
     assert_eq!(npy.shape(), &[3, 259]);
@@ -88,7 +84,7 @@ fn logits_are_written_as_npy_with_the_right_shape() {
 #[test]
 fn info_describes_the_model() {
     let dir = tiny_model();
-    let (stdout, _) = run_ok(engram().arg("info").arg(dir.path()));
+    let (stdout, _) = common::run_ok(engram().arg("info").arg(dir.path()));
     assert!(stdout.contains("llama") && stdout.contains("layers         3") && stdout.contains("BF16"), "{stdout}");
 }
 
@@ -103,13 +99,13 @@ fn convert_then_generate_from_the_directory_matches_the_gguf() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    run_ok(engram().arg("convert").arg(&gguf).arg(out.path()).args(["--dtype", "bf16"]));
+    common::run_ok(engram().arg("convert").arg(&gguf).arg(out.path()).args(["--dtype", "bf16"]));
     for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
         assert!(out.path().join(file).exists(), "{file} missing");
     }
     let args = ["-p", "The capital of France is", "-n", "8", "--ignore-eos", "--json", "--dtype", "bf16"];
-    let (from_dir, _) = run_ok(engram().args(["generate", "-m"]).arg(out.path()).args(args));
-    let (from_gguf, _) = run_ok(engram().args(["generate", "-m"]).arg(&gguf).args(args));
+    let (from_dir, _) = common::run_ok(engram().args(["generate", "-m"]).arg(out.path()).args(args));
+    let (from_gguf, _) = common::run_ok(engram().args(["generate", "-m"]).arg(&gguf).args(args));
     let a: serde_json::Value = serde_json::from_str(from_dir.trim()).unwrap();
     let b: serde_json::Value = serde_json::from_str(from_gguf.trim()).unwrap();
     assert_eq!(a["prompt_ids"], b["prompt_ids"]);

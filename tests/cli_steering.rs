@@ -14,7 +14,7 @@ use engram::steer::SteeringVector;
 use engram::DType;
 
 fn engram() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_engram"))
+    common::engram_command()
 }
 
 fn tiny_model() -> tempfile::TempDir {
@@ -23,12 +23,6 @@ fn tiny_model() -> tempfile::TempDir {
     dir
 }
 
-fn run_ok(cmd: &mut Command) -> (String, String) {
-    let out = cmd.output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
-    assert!(out.status.success(), "command failed\nstdout: {stdout}\nstderr: {stderr}");
-    (stdout, stderr)
-}
 
 fn run_err(cmd: &mut Command) -> String {
     let out: Output = cmd.output().unwrap();
@@ -53,7 +47,7 @@ fn write_test_vector(dir: &Path, name: &str, seed: u32, hidden: usize) -> PathBu
 
 
 fn logits(model: &Path, out: &Path, extra: &[&str]) -> Vec<f32> {
-    run_ok(engram().args(["logits", "-m"]).arg(model).args(["-p", "Steer this prompt", "-o"]).arg(out).args(extra));
+    common::run_ok(engram().args(["logits", "-m"]).arg(model).args(["-p", "Steer this prompt", "-o"]).arg(out).args(extra));
     common::read_npy(out)
 }
 
@@ -86,10 +80,10 @@ fn per_sequence_steering_in_a_prompts_file_equals_each_run_alone() {
         serde_json::json!({"prompt": "third one here", "steer": [{"file": b, "scale": -1.0, "layers": "0-1", "on": "generated"}]}),
     ];
     std::fs::write(&prompts, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
-    let (batch, _) = run_ok(engram().args(["generate", "-m"]).arg(dir.path()).arg("--prompts").arg(&prompts).args(["-n", "6", "--ignore-eos", "--json"]));
+    let (batch, _) = common::run_ok(engram().args(["generate", "-m"]).arg(dir.path()).arg("--prompts").arg(&prompts).args(["-n", "6", "--ignore-eos", "--json"]));
     let batch: Vec<serde_json::Value> = batch.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let alone = |prompt: &str, extra: &[String]| -> serde_json::Value {
-        let (out, _) = run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", prompt, "-n", "6", "--ignore-eos", "--json"]).args(extra));
+        let (out, _) = common::run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", prompt, "-n", "6", "--ignore-eos", "--json"]).args(extra));
         serde_json::from_str(out.trim()).unwrap()
     };
     let first = alone("first prompt", &["--steer".into(), format!("{}:1.5", a.display())]);
@@ -108,7 +102,7 @@ fn readouts_match_the_captured_rows() {
     let v = write_test_vector(dir.path(), "v.gguf", 5, 72);
     let capture = dir.path().join("cap.safetensors");
     let readout = dir.path().join("read.jsonl");
-    run_ok(
+    common::run_ok(
         engram()
             .args(["logits", "-m"])
             .arg(dir.path())
@@ -161,7 +155,7 @@ fn vectors_compute_writes_a_vector_and_show_describes_it() {
     for method in ["mean", "pca", "probe"] {
         let out = dir.path().join(format!("v_{method}.gguf"));
         let report = dir.path().join(format!("r_{method}.json"));
-        let (stdout, _) = run_ok(
+        let (stdout, _) = common::run_ok(
             engram().args(["vectors", "compute", "-m"]).arg(dir.path()).arg("--pos").arg(&pos).arg("--neg").arg(&neg).arg("-o").arg(&out).args(["--method", method, "--paired", "--folds", "2", "--report"]).arg(&report),
         );
         assert!(stdout.contains("best separating layers"), "{stdout}");
@@ -174,11 +168,11 @@ fn vectors_compute_writes_a_vector_and_show_describes_it() {
             assert!(layer["in_sample"]["pos_mean"].as_f64().unwrap() >= layer["in_sample"]["neg_mean"].as_f64().unwrap());
         }
     }
-    let (shown, _) = run_ok(engram().args(["vectors", "show"]).arg(dir.path().join("v_mean.gguf")));
+    let (shown, _) = common::run_ok(engram().args(["vectors", "show"]).arg(dir.path().join("v_mean.gguf")));
     assert!(shown.contains("hidden size 72") && shown.contains("cosine similarity between layers"), "{shown}");
     // The mean difference with --positions mean on a layer subset.
     let out = dir.path().join("v_sub.npy");
-    run_ok(engram().args(["vectors", "compute", "-m"]).arg(dir.path()).arg("--pos").arg(&pos).arg("--neg").arg(&neg).arg("-o").arg(&out).args(["--layers", "1-2", "--positions", "mean"]));
+    common::run_ok(engram().args(["vectors", "compute", "-m"]).arg(dir.path()).arg("--pos").arg(&pos).arg("--neg").arg(&neg).arg("-o").arg(&out).args(["--layers", "1-2", "--positions", "mean"]));
     assert_eq!(read_vector(&out).unwrap().0.layers(), vec![1, 2]);
 }
 
@@ -209,7 +203,7 @@ fn bad_vectors_and_options_are_refused_with_the_file_named() {
 fn bench_reports_overheads_for_each_condition() {
     let dir = tiny_model();
     let json = dir.path().join("bench.json");
-    let (stdout, _) = run_ok(
+    let (stdout, _) = common::run_ok(
         engram()
             .args(["bench", "-m"])
             .arg(dir.path())

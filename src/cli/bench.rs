@@ -188,15 +188,22 @@ fn measure_prefill(model: &Model<CpuBackend>, tokens: &[u32], setup: &Setup<'_>)
 /// each decode step runs under every condition in a rotating order, each timed on its own. A
 /// slowdown from elsewhere on the machine lasting longer than a few steps hits all conditions
 /// alike, so the per-condition ratios resolve far smaller overheads than whole-run timings.
-fn measure_decode(model: &Model<CpuBackend>, steps: usize, batch: usize, setups: &[Setup<'_>]) -> Result<Vec<f64>> {
-    let mut sessions = Vec::new();
-    for setup in setups {
-        let mut session = setup.session(model, SessionOptions::new(batch, steps + 1))?;
+///
+/// Where a session's buffers land in memory shifts its speed by a few percent at larger
+/// batches, consistently for that session. Sessions are therefore created in an order rotated
+/// by `rotation` (the repeat index), so each condition gets other buffers every repeat and the
+/// layout effect spreads over the repeats instead of biasing one condition.
+fn measure_decode(model: &Model<CpuBackend>, steps: usize, batch: usize, setups: &[Setup<'_>], rotation: usize) -> Result<Vec<f64>> {
+    let mut created: Vec<Option<Session<'_, CpuBackend>>> = setups.iter().map(|_| None).collect();
+    for k in 0..setups.len() {
+        let c = (rotation + k) % setups.len();
+        let mut session = setups[c].session(model, SessionOptions::new(batch, steps + 1))?;
         for slot in 0..batch {
             session.begin_generation(slot)?; // every row is a generated row
         }
-        sessions.push(session);
+        created[c] = Some(session);
     }
+    let mut sessions: Vec<Session<'_, CpuBackend>> = created.into_iter().map(|s| s.expect("every condition has a session")).collect();
     let mut next: Vec<Vec<u32>> = vec![(0..batch as u32).map(|b| b + 1).collect(); setups.len()];
     let mut seconds = vec![0.0f64; setups.len()];
     for step in 0..steps {
@@ -264,7 +271,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 measure_prefill(model, &prompt[..prompt.len().min(64)], setup)?;
             }
         }
-        measure_decode(model, 4, args.batch, &setups)?;
+        measure_decode(model, 4, args.batch, &setups, 0)?;
     }
     // samples[m][c]: every repeat of model m under condition c, interleaved round by round.
     let cells = args.conditions.len();
@@ -280,7 +287,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             }
             if args.decode_tokens > 0 {
-                for (c, rate) in measure_decode(model, args.decode_tokens, args.batch, &setups)?.into_iter().enumerate() {
+                for (c, rate) in measure_decode(model, args.decode_tokens, args.batch, &setups, repeat)?.into_iter().enumerate() {
                     decode[m][c].push(rate);
                 }
             }

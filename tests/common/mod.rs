@@ -187,3 +187,16 @@ pub fn read_npy(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
 }
+
+/// The `engram` binary built for this test run.
+pub fn engram_command() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+}
+
+/// Runs `cmd`, asserting success; returns (stdout, stderr).
+pub fn run_ok(cmd: &mut std::process::Command) -> (String, String) {
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    assert!(out.status.success(), "command failed\nstdout: {stdout}\nstderr: {stderr}");
+    (stdout, stderr)
+}

@@ -111,3 +111,16 @@ fn convert_then_generate_from_the_directory_matches_the_gguf() {
     assert_eq!(a["prompt_ids"], b["prompt_ids"]);
     assert_eq!(a["generated_ids"], b["generated_ids"]);
 }
+
+#[test]
+fn a_closed_stdout_pipe_ends_the_command_quietly() {
+    use std::process::Stdio;
+    let dir = tiny_model();
+    // Close our end of the pipe before the command has loaded the model and printed anything.
+    let mut child = engram().arg("info").arg(dir.path()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}

@@ -333,3 +333,31 @@ fn cli_refuses_bad_lines_other_models_and_empty_sides() {
     assert!(text.contains("memory 'clean'") && text.contains("no failed episodes"), "{text}");
     assert_eq!(MemoryBank::read(&bank).unwrap().memories.len(), 3);
 }
+
+#[test]
+fn generate_applies_the_retrieved_memory_as_steering_text_or_both() {
+    let model = tiny_model();
+    let out = tempfile::tempdir().unwrap();
+    let bank = out.path().join("bank.safetensors");
+    run_ok(engram().args(["memory", "distill", "-m"]).arg(model.path()).arg("--experiences").arg(fixture()).arg("-o").arg(&bank).args(["--layers", "0-2"]));
+    let generate = |extra: &[&str]| -> serde_json::Value {
+        let text = run_ok(engram().args(["generate", "-m"]).arg(model.path()).args(["-p", "Boil an egg in the kitchen.", "-n", "6", "--ignore-eos", "--json"]).args(extra));
+        // run_ok returns stdout then stderr: the JSON line comes first.
+        serde_json::from_str(text.lines().next().unwrap()).unwrap()
+    };
+    let bank_arg = bank.to_str().unwrap();
+    let plain = generate(&[]);
+    let zero = generate(&["--memory", bank_arg, "--memory-scale", "0"]);
+    assert_eq!(zero["memory"][0]["name"], "cook", "an instruction of the bank retrieves its own kind");
+    assert_eq!(zero["generated_ids"], plain["generated_ids"], "memory scale 0 must not change the output");
+    let steered = generate(&["--memory", bank_arg, "--memory-scale", "40"]);
+    assert_ne!(steered["generated_ids"], plain["generated_ids"], "a strong memory term must change the output");
+    assert_eq!(steered["prompt_ids"], plain["prompt_ids"], "steer mode leaves the prompt alone");
+    let text = generate(&["--memory", bank_arg, "--memory-mode", "text"]);
+    assert!(text["prompt_ids"].as_array().unwrap().len() > plain["prompt_ids"].as_array().unwrap().len(), "text mode puts the workflow in the prompt");
+    let both = generate(&["--memory", bank_arg, "--memory-mode", "both", "--memory-scale", "40"]);
+    assert_eq!(both["prompt_ids"], text["prompt_ids"]);
+    assert_ne!(both["generated_ids"], text["generated_ids"]);
+    let err = run_err(engram().args(["generate", "-m"]).arg(model.path()).args(["-p", "x", "--memory", bank_arg, "--memory-mode", "sometimes"]));
+    assert!(err.contains("sometimes"), "{err}");
+}

@@ -9,6 +9,7 @@ use engram::generate::{self, GenerationRequest, SamplingParams, StopParams};
 use engram::{Session, SessionOptions};
 
 use super::prompts::{self, PromptSpec};
+use super::memory_apply::{AppliedMemory, MemoryOptions};
 use super::steering::{self, SteerArgs, VectorCache};
 use super::ModelArgs;
 
@@ -56,6 +57,8 @@ pub struct GenerateArgs {
     json: bool,
     #[command(flatten)]
     steering: SteerArgs,
+    #[command(flatten)]
+    memory: MemoryOptions,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -69,11 +72,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let model = args.model.load()?;
     let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    // Procedural memory: each prompt retrieves its own memories (the prompt text is the task).
+    let mut applied: Vec<Option<AppliedMemory>> = Vec::new();
+    if let Some(bank) = args.memory.load(&model)? {
+        let path = args.memory.memory.as_deref().expect("a bank was loaded");
+        for (i, spec) in specs.iter().enumerate() {
+            let memory = args.memory.apply(&model, &bank, path, &spec.prompt).with_context(|| format!("memory for prompt {i}"))?;
+            let names: Vec<String> = memory.retrieved.iter().map(|(n, s)| format!("{n} ({s:.3})")).collect();
+            eprintln!("memory for prompt {i}: {}", if names.is_empty() { "none above the threshold".to_string() } else { names.join(", ") });
+            applied.push(Some(memory));
+        }
+    } else {
+        applied.resize_with(specs.len(), || None);
+    }
     let mut requests = Vec::new();
-    for spec in &specs {
+    for (spec, memory) in specs.iter().zip(&applied) {
         let system = spec.system.as_deref().or(args.system.as_deref());
+        let text = memory.as_ref().map_or(spec.prompt.as_str(), |m| m.prompt.as_str());
         requests.push(GenerationRequest {
-            prompt_ids: prompts::prompt_ids(&model, &spec.prompt, args.chat, system)?,
+            prompt_ids: prompts::prompt_ids(&model, text, args.chat, system)?,
             sampling,
             stop: StopParams { max_tokens: spec.max_tokens.unwrap_or(args.max_tokens), stop_strings: args.stop.clone(), ignore_eos: args.ignore_eos },
         });
@@ -99,10 +116,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut vectors = VectorCache::default();
     let global_plan = args.steering.plan(&model, &mut vectors)?;
     for (i, spec) in specs.iter().enumerate() {
-        let plan = match &spec.steer {
+        let mut plan = match &spec.steer {
             Some(own) => steering::plan_from_specs(&model, &mut vectors, own).with_context(|| format!("steering of prompt {i}"))?,
             None => global_plan.clone(),
         };
+        if let Some(term) = applied[i].as_ref().and_then(|m| m.term.clone()) {
+            plan.get_or_insert_with(Default::default).terms.push(term);
+        }
         session.set_steering(i, plan)?;
     }
     args.steering.configure(&mut session, &model, &vectors)?;
@@ -124,7 +144,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         steering::write_readouts(path, &probe_names, records)?;
     }
     if args.json {
-        for (spec, output) in specs.iter().zip(&outputs) {
+        for (i, (spec, output)) in specs.iter().zip(&outputs).enumerate() {
             let line = serde_json::json!({
                 "prompt": spec.prompt,
                 "prompt_ids": output.prompt_ids,
@@ -138,6 +158,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "decode_tokens_per_second": timing.decode_tokens_per_second(),
             });
             let mut line = line;
+            if let Some(memory) = &applied[i] {
+                line["memory"] = memory.retrieved.iter().map(|(name, score)| serde_json::json!({"name": name, "score": score})).collect();
+            }
             if args.steering.readout {
                 line["readout_probes"] = serde_json::json!(probe_names);
                 line["readouts"] = output.readouts.iter().map(|r| steering::readout_json(None, r)).collect();

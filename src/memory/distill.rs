@@ -107,12 +107,36 @@ pub struct DistillReport {
     pub errors: Vec<(String, String)>,
 }
 
-/// The retrieval key of an instruction: the mean residual over its tokens (no special tokens
-/// added beyond the tokenizer's defaults) at the output of block `layer`.
+/// The retrieval key of an instruction: the mean residual over its tokens after the first, at
+/// the output of block `layer` (no special tokens beyond the tokenizer's defaults).
 pub fn instruction_key<B: Backend>(model: &Model<B>, instruction: &str, layer: usize) -> Result<Vec<f32>> {
     let ids = model.tokenizer.encode(instruction, true)?;
-    let captured = capture_prompts(model, &[ids], &[layer], PromptReduction::Mean, 1, |_| {})?;
-    Ok(captured.into_iter().next().expect("one layer").values)
+    instruction_keys(model, &[ids], layer, 1)
+}
+
+/// [`instruction_key`] of many tokenized instructions, `[instructions, hidden]`, batched.
+///
+/// The first token is left out of the mean: it carries massive activations (it is where
+/// attention sinks), so with it the mean is dominated by `first / len` and keys of different
+/// tasks differ mostly by instruction length. By causality the first token's residual does not
+/// depend on what follows, so a one-token pass gives it exactly, and it is subtracted from the
+/// mean over all tokens.
+pub fn instruction_keys<B: Backend>(model: &Model<B>, ids: &[Vec<u32>], layer: usize, batch: usize) -> Result<Vec<f32>> {
+    let hidden = model.config.hidden_size;
+    let means = capture_prompts(model, ids, &[layer], PromptReduction::Mean, batch.max(1), |_| {})?.remove(0).values;
+    let firsts: Vec<Vec<u32>> = ids.iter().map(|t| t[..t.len().min(1)].to_vec()).collect();
+    let firsts = capture_prompts(model, &firsts, &[layer], PromptReduction::Last, batch.max(1), |_| {})?.remove(0).values;
+    let mut keys = means;
+    for (i, tokens) in ids.iter().enumerate() {
+        let n = tokens.len() as f32;
+        if tokens.len() > 1 {
+            let (key, first) = (&mut keys[i * hidden..(i + 1) * hidden], &firsts[i * hidden..(i + 1) * hidden]);
+            for (k, f) in key.iter_mut().zip(first) {
+                *k = (n * *k - f) / (n - 1.0);
+            }
+        }
+    }
+    Ok(keys)
 }
 
 /// The workflow text of a group: the first episode's explicit `workflow`, else the actions of
@@ -226,11 +250,7 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
     let activations = capture_spans(model, &items, &layers, options.batch, |done| progress(done, total))?;
     // Every episode's instruction key, `[episodes, hidden]`, in one batched capture.
     let instruction_ids = episodes.iter().map(|e| model.tokenizer.encode(&e.instruction, true)).collect::<Result<Vec<_>>>()?;
-    let instruction_keys = capture_prompts(model, &instruction_ids, &[key_layer], PromptReduction::Mean, options.batch.max(1), |_| {})?
-        .into_iter()
-        .next()
-        .expect("one layer")
-        .values;
+    let instruction_keys = instruction_keys(model, &instruction_ids, key_layer, options.batch)?;
     let mut bank = MemoryBank::new(Some(config.architecture.model_type().to_string()), hidden, layer_count);
     let mut errors = Vec::new();
     let direction_options = DirectionOptions::new(options.method);

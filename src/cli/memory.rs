@@ -1,5 +1,6 @@
-//! `engram memory distill|list|show|merge|export|retrieve`: neural procedural memory banks made
-//! from experiences, inspected, combined, exported as control vectors, and queried for a task.
+//! `engram memory distill|list|show|merge|export|retrieve|analyze`: neural procedural memory banks
+//! made from experiences, inspected, combined, exported as control vectors, queried for a task,
+//! and analysed (the analysis itself is in memory_analyze.rs).
 
 use std::path::PathBuf;
 
@@ -34,6 +35,8 @@ enum MemoryCommand {
     Export(ExportArgs),
     /// Retrieve the memories nearest to a task's instruction.
     Retrieve(RetrieveArgs),
+    /// Similarity within and across kinds, basis directions, the steps behind them; report and plots.
+    Analyze(super::memory_analyze::AnalyzeArgs),
 }
 
 #[derive(Args)]
@@ -145,6 +148,7 @@ pub fn run(args: MemoryArgs) -> Result<()> {
             Ok(())
         }
         MemoryCommand::Retrieve(args) => run_retrieve(args),
+        MemoryCommand::Analyze(args) => super::memory_analyze::run(args),
     }
 }
 

@@ -7,6 +7,7 @@ mod info;
 mod logits;
 mod make_random;
 mod memory;
+mod memory_analyze;
 mod memory_apply;
 mod prompts;
 mod steering;

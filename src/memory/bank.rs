@@ -60,6 +60,10 @@ pub struct MemoryMeta {
     pub key_layer: usize,
     pub method: Method,
     pub position: Position,
+    /// Earlier steps shown in each step's context when distilled (absent in banks written
+    /// before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<usize>,
 }
 
 /// One memory: a skill as per-layer directions plus what retrieval and people need to use it.
@@ -294,6 +298,7 @@ pub(crate) mod tests {
                 key_layer: 1,
                 method: Method::Mean,
                 position: Position::ContextLast,
+                history: Some(2),
             },
             direction,
             key: (0..hidden).map(|i| (i as f32 + seed).cos()).collect(),

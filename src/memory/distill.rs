@@ -151,7 +151,7 @@ pub fn workflow_text(episodes: &[&Episode]) -> String {
 
 /// Runs each `(tokens, start)` and returns, per layer, `[items, hidden]` means of the block
 /// output over positions `start..tokens.len()`.
-fn capture_spans<B: Backend>(model: &Model<B>, items: &[(Vec<u32>, usize)], layers: &[usize], batch: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Vec<f32>>> {
+pub fn capture_spans<B: Backend>(model: &Model<B>, items: &[(Vec<u32>, usize)], layers: &[usize], batch: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Vec<f32>>> {
     let hidden = model.config.hidden_size;
     let longest = items.iter().map(|(t, _)| t.len()).max().unwrap_or(1);
     if longest > model.config.max_position_embeddings {
@@ -191,6 +191,33 @@ fn capture_spans<B: Backend>(model: &Model<B>, items: &[(Vec<u32>, usize)], laye
     Ok(out)
 }
 
+/// The token ids of every step's context (plus its action for [`Position::ActionMean`]), each with
+/// the index where the span whose activations stand for the step starts, and the (episode, step)
+/// each item belongs to, in episode then step order: the input of [`capture_spans`].
+pub fn step_spans<B: Backend>(model: &Model<B>, episodes: &[Episode], position: Position, history: usize) -> Result<(Vec<(Vec<u32>, usize)>, Vec<(usize, usize)>)> {
+    let mut items = Vec::new();
+    let mut owner = Vec::new();
+    for (i, e) in episodes.iter().enumerate() {
+        for j in 0..e.steps.len() {
+            let mut tokens = model.tokenizer.encode(&context_text(e, j, history), true)?;
+            let start = match position {
+                Position::ContextLast => tokens.len() - 1,
+                Position::ActionMean => {
+                    let n = tokens.len();
+                    tokens.extend(model.tokenizer.encode(&action_text(e, j), false)?);
+                    n
+                }
+            };
+            if start >= tokens.len() {
+                return Err(Error::InvalidInput(format!("episode {} step {}: the action has no tokens", i + 1, j + 1)));
+            }
+            items.push((tokens, start));
+            owner.push((i, j));
+        }
+    }
+    Ok((items, owner))
+}
+
 /// Distils `episodes` into a bank for `model`. `progress(done, total)` counts steps. A key whose
 /// episodes have no successes or no failures is reported in [`DistillReport::errors`] and left
 /// out; the others are still distilled. Errors of the run itself (tokenizer, engine) end it.
@@ -221,27 +248,8 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
         };
         groups.entry(key).or_default().push(i);
     }
-    // Every step's tokens and where its span starts.
-    let mut items = Vec::new();
-    let mut owner = Vec::new(); // (episode, step) of each item
-    for (i, e) in episodes.iter().enumerate() {
-        for j in 0..e.steps.len() {
-            let mut tokens = model.tokenizer.encode(&context_text(e, j, options.history), true)?;
-            let start = match options.position {
-                Position::ContextLast => tokens.len() - 1,
-                Position::ActionMean => {
-                    let n = tokens.len();
-                    tokens.extend(model.tokenizer.encode(&action_text(e, j), false)?);
-                    n
-                }
-            };
-            if start >= tokens.len() {
-                return Err(Error::InvalidInput(format!("episode {} step {}: the action has no tokens", i + 1, j + 1)));
-            }
-            items.push((tokens, start));
-            owner.push(i);
-        }
-    }
+    let (items, owner) = step_spans(model, episodes, options.position, options.history)?;
+    let owner: Vec<usize> = owner.into_iter().map(|(episode, _)| episode).collect();
     let total = items.len();
     let mut rows_of_episode = vec![Vec::new(); episodes.len()];
     for (r, &i) in owner.iter().enumerate() {
@@ -322,6 +330,7 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
             key_layer,
             method: options.method,
             position: options.position,
+            history: Some(options.history),
         };
         bank.add(Memory { meta, direction, key: key.into_iter().map(|v| v as f32).collect() })?;
     }

@@ -42,10 +42,18 @@ def _new_env(warm):
     t = time.time()
     env = ScienceWorldEnv("", envStepLimit=NO_LIMIT)  # the bridge applies --max-steps itself
     if warm:
-        env.load(WARMUP[0], WARMUP[1], WARMUP[2], generateGoldPath=True)
-        env.reset()
+        _load_and_look(env, *WARMUP)
     log(f"[scienceworld] JVM ready in {time.time() - t:.1f}s (warm-up: {warm})")
     return env
+
+
+def _load_and_look(env, task, variation, simplification):
+    """Build the world once and take the first look. (The library's reset() would build it a
+    second time: load() then reset() -> server.reset() -> load again; same world, twice the cost.)"""
+    env.load(task, variation, simplification, generateGoldPath=True)
+    env.lastStepScore = 0
+    obs, _reward, _done, info = env.step("look around")
+    return obs, info
 
 
 def _close_env(env):
@@ -123,10 +131,10 @@ class ScienceWorldBridge(Bridge):
             if self.env is None:
                 self.env = _new_env(warm=False)
             return self.env
-        env = self.spare.take()
+        spare, self.spare = self.spare, None  # a new one is started when this reset ends
+        env = spare.take()
         _close_env(self.env)
         self.env = None
-        self.spare = _Spare()  # prepared while this episode runs
         return env
 
     def reset(self, task, variation, split):
@@ -137,15 +145,22 @@ class ScienceWorldBridge(Bridge):
             _close_env(self.meta)
             self.meta = None
         self.episode = None
-        env = self._fresh_env()
-        self.env = env
         if variation < 0:
             raise ProtocolError(f"variation {variation} is negative")
-        env.load(task, variation, self.simplification, generateGoldPath=True)
-        if not known:  # no meta JVM just to check the split: ask the episode's own JVM
-            self._splits[task] = self._sets(env)
-            split = self.find_split(task, variation, split)
-        obs, info = env.reset()
+        t0 = time.time()
+        try:
+            env = self._fresh_env()
+            self.env = env
+            t1 = time.time()
+            obs, info = _load_and_look(env, task, variation, self.simplification)
+            if not known:  # no meta JVM just to check the split: ask the episode's own JVM
+                self._splits[task] = self._sets(env)
+                split = self.find_split(task, variation, split)
+            log(f"[scienceworld] reset {task}/{variation}: waited {t1 - t0:.1f}s for a JVM, "
+                f"load {time.time() - t1:.1f}s")
+        finally:
+            if not self.reuse_jvm and self.spare is None:
+                self.spare = _Spare()  # the next episode's JVM, prepared while this one runs
         self.episode = {"task": task, "variation": variation, "split": split, "steps": 0,
                         "done": False, "instruction": env.get_task_description()}
         return self._state(obs, info, done=False)

@@ -7,7 +7,8 @@
 For each task: `variations` on every split, `reset` on the first variation of --split, the gold
 actions step by step (stopping at done), which must end with success and score 1.0; then a reset
 of another variation and a few random valid actions; a reset of the first variation again, whose
-observation, valid actions and gold must equal the first one (reproducibility); errors for garbage,
+observation and valid actions must equal the first one (reproducibility; a different gold path is
+reported as a note); errors for garbage,
 an unknown op, an unknown task, a step before any reset; `close`. Prints a summary with latencies.
 Exit status 0 only when every check passed. Uses only the standard library.
 """
@@ -92,6 +93,7 @@ def main():
         ap.error("give the bridge command after --")
     rng = random.Random(args.seed)
     failures = []
+    notes = []
     t_start = time.time()
     child = Child(cmd, args.timeout)
     resets, steps, valid_sizes = [], [], []
@@ -179,11 +181,14 @@ def main():
                 check_state(s, "reset 3")
                 resets.append(dt)
                 g2, _ = child.call({"op": "gold"})
-                same = (s["observation"] == first["observation"] and s["valid_actions"] == first["valid_actions"]
-                        and g2.get("actions") == gold)
-                print(f"  reset v{v0} again: same observation, valid actions and gold: {same}")
+                same = s["observation"] == first["observation"] and s["valid_actions"] == first["valid_actions"]
+                same_gold = g2.get("actions") == gold
+                print(f"  reset v{v0} again: same observation and valid actions: {same}; same gold: {same_gold}")
                 if not same:
                     failures.append(f"{task} v{v0}: a second reset differs from the first")
+                if not same_gold:  # the world is what must repeat; some libraries' experts are random walks
+                    notes.append(f"{task} v{v0}: the gold path differs between two resets "
+                                 f"({len(gold)} vs {len(g2.get('actions') or [])} actions)")
             except AssertionError as e:
                 print(f"  FAILED: {e}")
                 failures.append(f"{task}: {e}")
@@ -224,6 +229,8 @@ def main():
     print(f"  total {time.time() - t_start:.1f}s; {'ALL CHECKS PASSED' if not failures else 'FAILURES:'}")
     for f in failures:
         print(f"    - {f}")
+    for n in notes:
+        print(f"  note: {n}")
     sys.exit(0 if not failures else 1)
 
 

@@ -158,7 +158,10 @@ def serve(bridge_factory):
                 resp = {"error": str(e)}
             except Exception as e:  # a library or simulator failure: report it, keep serving
                 traceback.print_exc(file=sys.stderr)
-                resp = {"error": f"{type(e).__name__}: {str(e).strip()[:2000]}"}
+                lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+                # Java exceptions arrive with their stack trace: keep the message, not the frames
+                msg = " ".join(l for l in lines[:3] if not l.startswith("at "))
+                resp = {"error": f"{type(e).__name__}: {msg[:1000]}"}
             try:
                 answer(resp)
             except (TypeError, ValueError) as e:

@@ -152,7 +152,14 @@ class ScienceWorldBridge(Bridge):
             env = self._fresh_env()
             self.env = env
             t1 = time.time()
-            obs, info = _load_and_look(env, task, variation, self.simplification)
+            try:
+                obs, info = _load_and_look(env, task, variation, self.simplification)
+            except Exception as e:
+                if known:
+                    raise
+                first = (str(e).strip().splitlines() or [""])[:2]
+                raise ProtocolError(f"cannot load {task!r} variation {variation} (out of range?): "
+                                    + " ".join(l.strip() for l in first))
             if not known:  # no meta JVM just to check the split: ask the episode's own JVM
                 self._splits[task] = self._sets(env)
                 split = self.find_split(task, variation, split)

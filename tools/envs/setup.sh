@@ -40,6 +40,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
+VENV="$(cd "$VENV" && pwd)"
 
 installed() {
     "$VENV/bin/python" - "$SCIENCEWORLD_VERSION" "$TWX_VERSION" <<'EOF' 2>/dev/null
@@ -71,6 +72,8 @@ for p in (sw.JAR_PATH, twx.JAR_PATH, jars[0]):
     print(f"bundled: {p} ({os.path.getsize(p) // 1024} KiB)")
 EOF
 
-echo "ok: use $VENV/bin/python"
+echo "ok. Bridges:"
 echo "  $VENV/bin/python tools/envs/scienceworld_bridge.py   # ScienceWorld"
 echo "  $VENV/bin/python tools/envs/twx_bridge.py            # TextWorldExpress"
+echo "python to use (last line, for scripts: PY=\$(tools/envs/setup.sh | tail -n 1)):"
+echo "$VENV/bin/python"

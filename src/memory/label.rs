@@ -33,6 +33,9 @@ pub struct LabelOutcome {
     pub rejected: Vec<String>,
 }
 
+/// The start of the answer, written into the prompt after the assistant turn begins.
+const ANSWER_START: &str = "{\"label\": \"";
+
 /// Steps shown per end of the direction, tried in turn until the prompt fits the model's
 /// context (a small model's attention is short anyway).
 const STEPS_SHOWN: [usize; 4] = [6, 4, 2, 1];
@@ -62,9 +65,9 @@ pub fn interpretation_prompt(direction: &BasisDirection, shown: usize) -> Result
     Ok(format!(
         "An AI agent's internal activations were projected on one direction. Steps where the projection is HIGH:\n{}\n\n\
          Steps where it is LOW:\n{}\n\n\
-         What pattern do the HIGH steps share that the LOW steps lack? Answer with only a JSON object, no other text:\n\
-         {{\"label\": \"a short name\", \"explanation\": \"one sentence\", \"polarity\": \"positive if HIGH goes with success, negative if with failure, else neutral\", \
-         \"confidence\": 0.5, \"key_evidence\": [\"a short quote\"]}}",
+         What pattern do the HIGH steps share that the LOW steps lack? polarity is positive if the HIGH steps go with success, negative if with failure, else neutral. \
+         Answer with only this JSON object, the <...> parts filled in:\n\
+         {{\"label\": \"<2-5 words>\", \"explanation\": \"<one sentence>\", \"polarity\": \"<positive|negative|neutral>\", \"confidence\": <0 to 1>, \"key_evidence\": [\"<a quote from the steps>\"]}}",
         describe(&steps.top.steps, shown),
         describe(&steps.bottom.steps, shown)
     ))
@@ -80,6 +83,9 @@ pub fn parse_label(text: &str) -> std::result::Result<DirectionLabel, String> {
     let label: DirectionLabel = serde_json::from_str(&text[start..=end]).map_err(|e| format!("invalid JSON: {e}"))?;
     if label.label.trim().is_empty() {
         return Err("empty label".into());
+    }
+    if [&label.label, &label.explanation].iter().any(|t| t.contains('<') && t.contains('>')) {
+        return Err("the answer copies the template's <...> placeholders".into());
     }
     if !["positive", "negative", "neutral"].contains(&label.polarity.as_str()) {
         return Err(format!("polarity '{}' is not positive, negative or neutral", label.polarity));
@@ -101,7 +107,10 @@ pub fn label_direction<B: Backend>(model: &Model<B>, direction: &BasisDirection,
             ChatMessage::new("system", "You interpret directions in a language model's activation space. You answer with one JSON object."),
             ChatMessage::new("user", interpretation_prompt(direction, shown)?),
         ];
-        ids = model.tokenizer.encode(&template.render(&messages, true)?, false)?;
+        // The answer is started for the model: a small model continues a JSON object far more
+        // often than it opens one unprompted.
+        let rendered = template.render(&messages, true)? + ANSWER_START;
+        ids = model.tokenizer.encode(&rendered, false)?;
         if ids.len() + max_tokens < limit {
             break;
         }
@@ -118,10 +127,10 @@ pub fn label_direction<B: Backend>(model: &Model<B>, direction: &BasisDirection,
         let sampling = if attempt == 0 { SamplingParams::default() } else { SamplingParams { temperature: 0.7, top_p: 0.95, seed: attempt as u64, ..SamplingParams::default() } };
         let request = GenerationRequest { prompt_ids: ids.clone(), sampling, stop: StopParams { max_tokens, ..Default::default() } };
         let (outputs, _) = generate(&mut session, &[request], &mut |_: usize, _: &str| {})?;
-        let text = &outputs[0].text;
-        match parse_label(text) {
+        let text = format!("{ANSWER_START}{}", outputs[0].text);
+        match parse_label(&text) {
             Ok(label) => return Ok(LabelOutcome { label: Some(label), attempts: attempt + 1, rejected }),
-            Err(why) => rejected.push(format!("{why}: {}", shorten(text, 160))),
+            Err(why) => rejected.push(format!("{why}: {}", shorten(&text, 160))),
         }
     }
     Ok(LabelOutcome { label: None, attempts: retries + 1, rejected })

@@ -191,6 +191,28 @@ impl CudaBackend {
         &self.info
     }
 
+    /// Device memory bandwidth in bytes/s, the roofline decode is measured against: the median of
+    /// five device-to-device copies of 1 GiB (each byte read once and written once).
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        self.check()?;
+        let len = 1usize << 28;
+        let source = self.stream.alloc_zeros::<f32>(len).map_err(|e| device_error("allocating the bandwidth buffer", e))?;
+        let mut destination = self.stream.alloc_zeros::<f32>(len).map_err(|e| device_error("allocating the bandwidth buffer", e))?;
+        let mut rates = Vec::new();
+        for pass in 0..6 {
+            self.stream.synchronize().map_err(|e| device_error("synchronizing", e))?;
+            let start = std::time::Instant::now();
+            self.stream.memcpy_dtod(&source, &mut destination).map_err(|e| device_error("device copy", e))?;
+            self.stream.synchronize().map_err(|e| device_error("synchronizing", e))?;
+            // The first pass warms the copy engine and is not counted.
+            if pass > 0 {
+                rates.push((2 * len * 4) as f64 / start.elapsed().as_secs_f64());
+            }
+        }
+        rates.sort_by(f64::total_cmp);
+        Ok(rates[rates.len() / 2])
+    }
+
     /// Why prefill products do not use cuBLAS on this machine, if they do not.
     pub fn cublas_missing(&self) -> Option<&str> {
         self.blas_missing.as_deref()

@@ -51,3 +51,26 @@ fn a_compile_error_carries_the_log_with_file_and_line() {
     assert!(message.contains("undefined_name"), "{message}");
     assert!(message.contains("(2)"), "the log should point at line 2 of the family file: {message}");
 }
+
+#[test]
+fn compiled_kernels_are_cached_on_disk_by_source_and_arch() {
+    use engram::backend::cuda::compile::KernelCache;
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (family, source) = FAMILIES.iter().find(|(f, _)| *f == "rope").copied().unwrap();
+    let first = KernelCache::new(Some(dir.path().to_path_buf())).ptx(family, source, "sm_80").unwrap();
+    let files: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].starts_with("rope-") && files[0].ends_with("-sm_80.ptx"), "{files:?}");
+    // A fresh cache (a new process) reads the file instead of compiling: mark it to tell.
+    let path = dir.path().join(&files[0]);
+    std::fs::write(&path, format!("{first}\n// read from disk\n")).unwrap();
+    let second = KernelCache::new(Some(dir.path().to_path_buf())).ptx(family, source, "sm_80").unwrap();
+    assert!(second.ends_with("// read from disk\n"));
+    // Another architecture or changed source is another entry.
+    KernelCache::new(Some(dir.path().to_path_buf())).ptx(family, source, "sm_90").unwrap();
+    KernelCache::new(Some(dir.path().to_path_buf())).ptx(family, &format!("{source}\n// changed\n"), "sm_80").unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+}

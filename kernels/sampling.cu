@@ -1,7 +1,8 @@
 // Token selection on the device, so only one u32 per sequence returns to the host.
 
 // One block per logits row: each thread scans a strided slice, then a shared-memory tree picks
-// the block's maximum (lowest index on ties, as the CPU sampler does).
+// the block's maximum (lowest index on ties, as the CPU sampler does). blockDim.x: a power of two
+// <= 1024.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32 vocab, u32* __restrict__ out) {
     __shared__ float best_value[1024];
     __shared__ u32 best_index[1024];

@@ -514,3 +514,25 @@ fn failures_surface_at_the_next_fallible_call() {
     let err = gpu.download(&out, &mut host).expect_err("the recorded failure must surface");
     assert!(err.to_string().contains("embed"), "{err}");
 }
+
+#[test]
+fn device_argmax_and_sampling_choose_like_the_host() {
+    let Some(gpu) = cuda_or_skip() else { return };
+    for vocab in [259, 32_000, 128_256] {
+        let rows = 3;
+        let mut logits = random(rows * vocab, 91);
+        // A tie: the lowest index wins, as on the host.
+        logits[vocab + 10] = 5.0;
+        logits[vocab + 20] = 5.0;
+        let buffer = put(&gpu, &logits);
+        let want: Vec<u32> = logits.chunks(vocab).map(engram::generate::argmax).collect();
+        assert_eq!(gpu.argmax_rows(&buffer, rows, vocab).unwrap(), want, "argmax over {vocab}");
+        // A tiny temperature makes sampling greedy (the tied row splits its mass between the two
+        // tied tokens, so u < 0.5 must take the first); u = 0 and u → 1 pick the CDF's ends.
+        assert_eq!(gpu.sample_rows(&buffer, rows, vocab, 1e-9, &[0.3, 0.3, 0.9]).unwrap(), want, "cold sampling over {vocab}");
+        let first = gpu.sample_rows(&buffer, rows, vocab, 1e4, &[0.0, 0.0, 0.0]).unwrap();
+        assert_eq!(first, vec![0, 0, 0], "u = 0 takes the first token");
+        let last = gpu.sample_rows(&buffer, rows, vocab, 1e4, &[0.999_999, 0.999_999, 0.999_999]).unwrap();
+        assert!(last.iter().all(|&t| t as usize >= vocab - vocab / 100), "u → 1 takes a token near the end: {last:?}");
+    }
+}

@@ -102,6 +102,9 @@ struct State {
     partials: CudaSlice<f32>,
     /// Prefill activations narrowed to 16 bits for cuBLAS.
     narrowed: CudaSlice<u16>,
+    /// Token ids chosen on the device, one per logits row.
+    chosen: CudaSlice<u32>,
+    uniforms: DeviceTable<f32>,
 }
 
 pub struct CudaBackend {
@@ -182,6 +185,8 @@ impl CudaBackend {
             points: Default::default(),
             partials: stream.alloc_zeros::<f32>(1).map_err(|e| device_error("allocating scratch", e))?,
             narrowed: stream.alloc_zeros::<u16>(1).map_err(|e| device_error("allocating scratch", e))?,
+            chosen: alloc_u32()?,
+            uniforms: DeviceTable::new(stream.alloc_zeros::<f32>(1).map_err(|e| device_error("allocating a table", e))?),
         };
         let placeholder = stream.alloc_zeros::<f32>(1).map_err(|e| device_error("allocating scratch", e))?;
         Ok(CudaBackend { info, kernels, blas, blas_missing, state: Mutex::new(state), placeholder, stream, _ctx: ctx })
@@ -211,6 +216,51 @@ impl CudaBackend {
         }
         rates.sort_by(f64::total_cmp);
         Ok(rates[rates.len() / 2])
+    }
+
+    /// The greedy token of each of `rows` logits rows, chosen on the device so that only the ids
+    /// come back (lowest index on ties, as [`crate::generate::argmax`]).
+    pub fn argmax_rows(&self, logits: &CudaSlice<f32>, rows: usize, vocab: usize) -> Result<Vec<u32>> {
+        self.choose_rows(logits, rows, vocab, None)
+    }
+
+    /// One token per row sampled from `softmax(logits / temperature)` by inverse CDF, using
+    /// `uniforms[r]` in [0, 1) (drawn by the caller's seeded generator, so runs reproduce).
+    pub fn sample_rows(&self, logits: &CudaSlice<f32>, rows: usize, vocab: usize, temperature: f32, uniforms: &[f32]) -> Result<Vec<u32>> {
+        if !(temperature.is_finite() && temperature > 0.0) || uniforms.len() != rows {
+            return Err(Error::InvalidInput(format!("sampling needs a positive temperature and one uniform per row (got {temperature}, {} for {rows} rows)", uniforms.len())));
+        }
+        self.choose_rows(logits, rows, vocab, Some((temperature, uniforms)))
+    }
+
+    fn choose_rows(&self, logits: &CudaSlice<f32>, rows: usize, vocab: usize, sampling: Option<(f32, &[f32])>) -> Result<Vec<u32>> {
+        self.check()?;
+        Self::ensure_len("logits", logits.len(), rows * vocab)?;
+        if rows == 0 || vocab == 0 {
+            return Ok(vec![0; rows]);
+        }
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        if state.chosen.len() < rows {
+            state.chosen = self.stream.alloc_zeros::<u32>(rows).map_err(|e| device_error("allocating token ids", e))?;
+        }
+        // Power-of-two blocks: the kernels reduce and scan with halving strides.
+        let threads = vocab.next_power_of_two().clamp(32, 1024) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let vocab_u = vocab as u32;
+        match sampling {
+            None => Self::launched("argmax_rows", launch!(self, &self.kernels.argmax_rows, cfg, logits, &vocab_u, &mut state.chosen))?,
+            Some((temperature, uniforms)) => {
+                state.uniforms.sync(&self.stream, uniforms)?;
+                let inverse = 1.0 / temperature;
+                Self::launched("sample_rows", launch!(self, &self.kernels.sample_rows, cfg, logits, &vocab_u, &inverse, state.uniforms.device(), &mut state.chosen))?
+            }
+        }
+        let mut ids = vec![0u32; rows];
+        let view = state.chosen.slice(0..rows);
+        self.stream.memcpy_dtoh(&view, &mut ids).map_err(|e| device_error("downloading token ids", e))?;
+        self.stream.synchronize().map_err(|e| device_error("a kernel failed", e))?;
+        Ok(ids)
     }
 
     /// Why prefill products do not use cuBLAS on this machine, if they do not.

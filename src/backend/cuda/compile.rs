@@ -67,9 +67,19 @@ pub fn compile_family(family: &str, source: &str, arch: &str) -> Result<String> 
     Ok(result.to_src())
 }
 
-/// Compiles every embedded family for `arch` (no GPU needed); returns `(family, ptx)` pairs.
+/// Compiles every embedded family for `arch` (no GPU needed), one thread per family (NVRTC
+/// programs are independent); returns `(family, ptx)` pairs in [`FAMILIES`] order.
 pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, String)>> {
-    FAMILIES.iter().map(|&(family, source)| Ok((family, compile_family(family, source, arch)?))).collect()
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = FAMILIES.iter().map(|&(family, source)| (family, scope.spawn(move || compile_family(family, source, arch)))).collect();
+        handles
+            .into_iter()
+            .map(|(family, handle)| {
+                let ptx = handle.join().map_err(|_| Error::Device(format!("the NVRTC thread for kernels/{family}.cu panicked")))??;
+                Ok((family, ptx))
+            })
+            .collect()
+    })
 }
 
 /// 64-bit FNV-1a: a stable content hash for cache file names (std's hasher may change between
@@ -139,6 +149,18 @@ impl KernelCache {
         };
         self.memory.lock().unwrap_or_else(|e| e.into_inner()).insert(key, ptx.clone());
         Ok(ptx)
+    }
+
+    /// Makes sure every family is cached for `arch`, compiling the missing ones in parallel (the
+    /// first start on a machine compiles everything; later starts read the disk cache).
+    pub fn prefetch(&self, arch: &str) -> Result<()> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = FAMILIES.iter().map(|&(family, source)| (family, scope.spawn(move || self.ptx(family, source, arch)))).collect();
+            for (family, handle) in handles {
+                handle.join().map_err(|_| Error::Device(format!("the NVRTC thread for kernels/{family}.cu panicked")))??;
+            }
+            Ok(())
+        })
     }
 
     /// Drops a cached entry (memory and disk), e.g. when the driver rejects cached PTX.

@@ -23,6 +23,7 @@ macro_rules! kernel_table {
         impl Kernels {
             /// Compiles (or takes from `cache`) every family for `arch` and loads it on `ctx`.
             pub fn load(ctx: &Arc<CudaContext>, cache: &KernelCache, arch: &str) -> Result<Self> {
+                cache.prefetch(arch)?;
                 $(
                     let module = load_family(ctx, cache, $family, arch)?;
                     $(

@@ -536,3 +536,28 @@ fn device_argmax_and_sampling_choose_like_the_host() {
         assert!(last.iter().all(|&t| t as usize >= vocab - vocab / 100), "u → 1 takes a token near the end: {last:?}");
     }
 }
+
+/// Runs on every machine: the CPU backend's prefix copy makes a fresh slot attend exactly like
+/// the slot it was copied from (the reference the CUDA test above compares against).
+#[test]
+fn the_cpu_prefix_copy_makes_a_slot_attend_like_its_source() {
+    let host = cpu();
+    let layout = AttentionLayout { heads: 6, kv_heads: 2, head_dim: 12 };
+    let mut kv = host.kv_store(2, 3, 32, layout.kv_dim()).unwrap();
+    let (slots, positions) = run(0, 0..9);
+    for layer in 0..2 {
+        let qkv = put(&host, &random(9 * layout.qkv_dim(), 200 + layer as u64));
+        let mut out = poisoned(&host, 9 * layout.q_dim());
+        host.attention(&qkv, 9, layout, &mut kv, layer, RowTable { slots: &slots, positions: &positions }, &mut out);
+    }
+    host.copy_kv_prefix(&mut kv, 0, 2, 9);
+    let qkv = random(layout.qkv_dim(), 300);
+    let decode = |slot: u32, kv: &mut <CpuBackend as Backend>::KvStore| {
+        let mut out = poisoned(&host, layout.q_dim());
+        host.attention(&put(&host, &qkv), 1, layout, kv, 1, RowTable { slots: &[slot], positions: &[9] }, &mut out);
+        get(&host, &out, layout.q_dim())
+    };
+    let from_source = decode(0, &mut kv);
+    assert_eq!(decode(2, &mut kv), from_source);
+    assert_ne!(decode(1, &mut kv), from_source, "an empty slot attends differently");
+}

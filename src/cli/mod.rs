@@ -102,15 +102,15 @@ impl ModelArgs {
                 let backend = CudaBackend::new(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
                 Ok(Selected::Cuda(Box::new(backend)))
             }
-            DeviceChoice::Auto => match engram::backend::cuda::usable(0) {
-                // A GPU is present: failing to use it (e.g. a kernel that does not compile) is an
-                // error to report, not a reason to fall back silently.
-                Ok(_) => {
-                    let backend = CudaBackend::new(0).context("--device auto found a GPU but cannot use it (pass --device cpu to run on the CPU)")?;
-                    Ok(Selected::Cuda(Box::new(backend)))
-                }
+            // Usable means the whole backend starts (driver, device, kernels compiled); anything
+            // short of that runs on the CPU, with the reason on one line.
+            DeviceChoice::Auto => match CudaBackend::new(0) {
+                Ok(backend) => Ok(Selected::Cuda(Box::new(backend))),
                 Err(reason) => {
-                    eprintln!("engram: running on the CPU: {reason}");
+                    let reason = reason.to_string();
+                    let first_line = reason.trim_start_matches("device: ").lines().next().unwrap_or_default().to_string();
+                    let more = if reason.lines().count() > 1 { " (--device cuda shows the details)" } else { "" };
+                    eprintln!("engram: running on the CPU: {first_line}{more}");
                     Ok(Selected::Cpu(CpuBackend::new(self.threads, None)?))
                 }
             },

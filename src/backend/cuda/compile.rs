@@ -135,7 +135,10 @@ impl KernelCache {
             return Ok(ptx.clone());
         }
         let file = self.file_for(family, source, arch);
-        let cached = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).filter(|ptx| ptx.contains(".entry"));
+        let cached = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok())
+            // Unreadable or damaged files (no kernels, embedded NULs the driver loader would
+            // choke on) are recompiled rather than trusted.
+            .filter(|ptx| ptx.contains(".entry") && !ptx.contains('\0'));
         let ptx = match cached {
             Some(ptx) => ptx,
             None => {

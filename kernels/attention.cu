@@ -165,8 +165,10 @@ struct PrefillTile {
 // Prefill: block (tile, head) keeps its tile of queries in shared memory and streams the slot's
 // keys/values through shared memory PREFILL_KEYS positions at a time, so each K/V element is read
 // once per tile rather than once per query; online softmax makes it one pass with no score matrix
-// in global memory. Dynamic shared memory: (tile_rows + 2 * PREFILL_KEYS) * head_dim +
-// tile_rows * (PREFILL_KEYS + 3) floats.
+// in global memory. Key rows are padded to head_dim + 1 floats so that the threads of a warp,
+// which read different keys at the same d, hit different shared-memory banks. Dynamic shared
+// memory: tile_rows * head_dim + PREFILL_KEYS * (2 * head_dim + 1) + tile_rows * (PREFILL_KEYS + 3)
+// floats.
 extern "C" __global__ void attention_prefill(const float* __restrict__ qkv, const float* __restrict__ keys, const float* __restrict__ values,
                                              const PrefillTile* __restrict__ tiles, float* __restrict__ out,
                                              u32 width, u32 heads, u32 kv_heads, u32 head_dim, u32 tile_rows,
@@ -176,9 +178,10 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ qkv, cons
     const u32 head = blockIdx.y;
     const u32 kv_head = head / (heads / kv_heads);
     const u32 kv_dim = kv_heads * head_dim;
+    const u32 k_stride = head_dim + 1;
     float* q_s = shared;
     float* k_s = q_s + tile_rows * head_dim;
-    float* v_s = k_s + PREFILL_KEYS * head_dim;
+    float* v_s = k_s + PREFILL_KEYS * k_stride;
     float* p_s = v_s + PREFILL_KEYS * head_dim;
     float* m_s = p_s + tile_rows * PREFILL_KEYS;
     float* l_s = m_s + tile_rows;
@@ -205,7 +208,7 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ qkv, cons
             const u32 kj = e / head_dim;
             const u32 d = e - kj * head_dim;
             const u32 t = key0 + kj;
-            k_s[e] = t < context ? keys[base + (u64)t * kv_dim + d] : 0.0f;
+            k_s[kj * k_stride + d] = t < context ? keys[base + (u64)t * kv_dim + d] : 0.0f;
             v_s[e] = t < context ? values[base + (u64)t * kv_dim + d] : 0.0f;
         }
         __syncthreads();
@@ -216,7 +219,7 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ qkv, cons
             float s = NEG_INF;
             if (qi < tile.rows && t <= tile.first_position + qi) {
                 s = 0.0f;
-                for (u32 d = 0; d < head_dim; ++d) s += q_s[qi * head_dim + d] * k_s[kj * head_dim + d];
+                for (u32 d = 0; d < head_dim; ++d) s += q_s[qi * head_dim + d] * k_s[kj * k_stride + d];
             }
             p_s[idx] = s;
         }

@@ -621,7 +621,8 @@ impl Backend for CudaBackend {
                 let tile_rows = (PREFILL_THREADS * PREFILL_MAX_ACC / hd).min(16);
                 let tiles = prefill_tiles(table, rows, tile_rows);
                 state.tiles.sync(&self.stream, &tiles)?;
-                let shared = ((tile_rows + 2 * PREFILL_KEYS) * hd + tile_rows * (PREFILL_KEYS + 3)) * 4;
+                // As kernels/attention.cu lays it out: queries, padded keys, values, scores, row stats.
+                let shared = (tile_rows * hd + PREFILL_KEYS * (2 * hd + 1) + tile_rows * (PREFILL_KEYS + 3)) * 4;
                 let cfg = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, layout.heads as u32, 1), block_dim: (PREFILL_THREADS as u32, 1, 1), shared_mem_bytes: shared as u32 };
                 let tile_rows_u = tile_rows as u32;
                 Self::launched(

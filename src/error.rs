@@ -27,6 +27,9 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// A GPU backend failure: no usable device, a kernel that does not compile, a failed launch.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

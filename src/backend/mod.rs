@@ -5,6 +5,7 @@
 //! which is what lets one batch mix prompts of uneven lengths and decode steps.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::steer::tables::FusedPoint;
@@ -96,4 +97,7 @@ pub trait Backend: Send + Sync {
     fn residual_step(&self, h: &mut Self::Buffer, delta: &Self::Buffer, rows: usize, dim: usize, norm_weight: &Self::Buffer, eps: f32, x_out: &mut Self::Buffer, fused: FusedArgs<'_, Self>);
     /// `dst[i] = src[rows[i]]` for rows of width `dim`.
     fn gather_rows(&self, src: &Self::Buffer, rows: &[u32], dim: usize, dst: &mut Self::Buffer);
+    /// Copies the first `positions` cached K and V entries of every layer from `from_slot` to
+    /// `to_slot` (one prompt's KV shared by several candidates).
+    fn copy_kv_prefix(&self, kv: &mut Self::KvStore, from_slot: usize, to_slot: usize, positions: usize);
 }

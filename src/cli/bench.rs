@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use engram::backend::cpu::simd;
 use engram::backend::cpu::CpuBackend;
+use engram::backend::cuda::{CudaBackend, DeviceChoice};
 use engram::backend::Backend;
 use engram::generate::argmax;
 use engram::session::{LogitRequest, SequenceInput};
@@ -39,6 +40,10 @@ pub struct BenchArgs {
     repeats: usize,
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where to run: auto (CUDA when usable, else the CPU), cpu, cuda or cuda:N. The bandwidth
+    /// floor is a streaming read on the CPU and a device-to-device copy on a GPU.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
     /// Conditions measured in turn every repeat, comma-separated; each is `none` or features
     /// joined by `+`: steer (a vector at every layer and token), per-seq (each sequence of the
     /// batch its own vector), relative, clamp (conditional steering), capture (every layer at
@@ -108,7 +113,7 @@ fn random_vector(hidden: usize, layers: usize, norm: f32, seed: u64) -> Arc<Stee
 
 impl Condition {
     /// Installs this condition's plans on a fresh session of `slots` sequences.
-    fn install(&self, session: &mut Session<'_, CpuBackend>, slots: usize, vectors: &BenchVectors, layers: usize) -> Result<()> {
+    fn install<B: Backend>(&self, session: &mut Session<'_, B>, slots: usize, vectors: &BenchVectors, layers: usize) -> Result<()> {
         let vector_of = |slot: usize| if self.per_sequence { vectors.per_sequence[slot].clone() } else { vectors.shared.clone() };
         if self.steer {
             for slot in 0..slots {
@@ -166,14 +171,14 @@ struct Setup<'a> {
 }
 
 impl Setup<'_> {
-    fn session<'m>(&self, model: &'m Model<CpuBackend>, options: SessionOptions) -> Result<Session<'m, CpuBackend>> {
+    fn session<'m, B: Backend>(&self, model: &'m Model<B>, options: SessionOptions) -> Result<Session<'m, B>> {
         let mut session = Session::new(model, options)?;
         self.condition.install(&mut session, options.slots, self.vectors, model.config.num_hidden_layers)?;
         Ok(session)
     }
 }
 
-fn measure_prefill(model: &Model<CpuBackend>, tokens: &[u32], setup: &Setup<'_>) -> Result<f64> {
+fn measure_prefill<B: Backend>(model: &Model<B>, tokens: &[u32], setup: &Setup<'_>) -> Result<f64> {
     let mut options = SessionOptions::new(1, tokens.len());
     options.max_batch_rows = tokens.len();
     let mut session = setup.session(model, options)?;
@@ -193,8 +198,8 @@ fn measure_prefill(model: &Model<CpuBackend>, tokens: &[u32], setup: &Setup<'_>)
 /// batches, consistently for that session. Sessions are therefore created in an order rotated
 /// by `rotation` (the repeat index), so each condition gets other buffers every repeat and the
 /// layout effect spreads over the repeats instead of biasing one condition.
-fn measure_decode(model: &Model<CpuBackend>, steps: usize, batch: usize, setups: &[Setup<'_>], rotation: usize) -> Result<Vec<f64>> {
-    let mut created: Vec<Option<Session<'_, CpuBackend>>> = setups.iter().map(|_| None).collect();
+fn measure_decode<B: Backend>(model: &Model<B>, steps: usize, batch: usize, setups: &[Setup<'_>], rotation: usize) -> Result<Vec<f64>> {
+    let mut created: Vec<Option<Session<'_, B>>> = setups.iter().map(|_| None).collect();
     for k in 0..setups.len() {
         let c = (rotation + k) % setups.len();
         let mut session = setups[c].session(model, SessionOptions::new(batch, steps + 1))?;
@@ -203,7 +208,7 @@ fn measure_decode(model: &Model<CpuBackend>, steps: usize, batch: usize, setups:
         }
         created[c] = Some(session);
     }
-    let mut sessions: Vec<Session<'_, CpuBackend>> = created.into_iter().map(|s| s.expect("every condition has a session")).collect();
+    let mut sessions: Vec<Session<'_, B>> = created.into_iter().map(|s| s.expect("every condition has a session")).collect();
     let mut next: Vec<Vec<u32>> = vec![(0..batch as u32).map(|b| b + 1).collect(); setups.len()];
     let mut seconds = vec![0.0f64; setups.len()];
     for step in 0..steps {
@@ -248,11 +253,44 @@ fn overheads(baseline: &[f64], condition: &[f64]) -> Vec<f64> {
 pub fn run(args: BenchArgs) -> Result<()> {
     anyhow::ensure!(args.repeats > 0 && args.batch > 0, "--repeats and --batch must be positive");
     anyhow::ensure!(!args.conditions.is_empty() && !args.dtypes.is_empty(), "give at least one condition and one dtype");
-    let mut models = Vec::new();
-    for &dtype in &args.dtypes {
-        let model_args = super::ModelArgs { model: args.model.clone(), dtype, threads: args.threads };
-        models.push(model_args.load()?);
+    let model_args = |dtype| super::ModelArgs { model: args.model.clone(), dtype, threads: args.threads, device: args.device };
+    match model_args(args.dtypes[0]).select()? {
+        super::Selected::Cpu(first) => {
+            let mut models = Vec::new();
+            for &dtype in &args.dtypes {
+                models.push(model_args(dtype).load_on(CpuBackend::new(args.threads, None)?, dtype)?);
+            }
+            let bandwidth = memory_bandwidth(&first);
+            bench_on(&args, models, bandwidth)
+        }
+        super::Selected::Cuda(first) => {
+            // The GPU holds 16-bit weights: f32 is measured as bf16, once.
+            let mut dtypes: Vec<DType> = Vec::new();
+            for &dtype in &args.dtypes {
+                let on_device = if dtype == DType::F32 { DType::BF16 } else { dtype };
+                if !dtypes.contains(&on_device) {
+                    dtypes.push(on_device);
+                }
+            }
+            let bandwidth = first.copy_bandwidth().context("measuring the device's copy bandwidth")?;
+            let ordinal = first.info().ordinal;
+            let mut models = Vec::new();
+            let mut first = Some(*first);
+            for &dtype in &dtypes {
+                let backend = match first.take() {
+                    Some(backend) => backend,
+                    None => CudaBackend::new(ordinal)?,
+                };
+                models.push(model_args(dtype).load_on(backend, dtype)?);
+            }
+            bench_on(&args, models, bandwidth)
+        }
     }
+}
+
+/// Measures every condition on `models` (one per dtype); `bandwidth` is the memory floor in
+/// bytes/s measured on the same device.
+fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64) -> Result<()> {
     let config = models[0].config.clone();
     let (hidden, layers) = (config.hidden_size, config.num_hidden_layers);
     let shared = match &args.steer_file {
@@ -261,7 +299,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let vectors = BenchVectors { shared, per_sequence: (0..args.batch).map(|s| random_vector(hidden, layers, 1.0, 100 + s as u64)).collect() };
     let backend_name = models[0].backend.name();
-    let bandwidth = memory_bandwidth(&models[0].backend);
     let prompt = bench_tokens(args.prompt_tokens, config.vocab_size);
     // Warm-up: first touches of weights and buffers are not part of the measurement.
     let setups: Vec<Setup> = args.conditions.iter().map(|condition| Setup { condition, vectors: &vectors }).collect();

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use engram::generate::{self, GenerationRequest, SamplingParams, StopParams};
-use engram::{Session, SessionOptions};
+use engram::backend::Backend;
+use engram::{Model, Session, SessionOptions};
 
 use super::prompts::{self, PromptSpec};
 use super::memory_apply::{AppliedMemory, MemoryOptions};
 use super::steering::{self, SteerArgs, VectorCache};
-use super::ModelArgs;
+use super::{ModelArgs, ModelTask};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -70,7 +71,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.steering.readout && !args.json && args.steering.readout_out.is_none() {
         bail!("--readout needs --json (readouts in each output line) or --readout-out FILE");
     }
-    let model = args.model.load()?;
+    args.model.clone().with_model(Generate { args, specs })
+}
+
+struct Generate {
+    args: GenerateArgs,
+    specs: Vec<PromptSpec>,
+}
+
+impl ModelTask for Generate {
+    type Output = ();
+    fn run<B: Backend>(self, model: Model<B>) -> Result<()> {
+        generate_with(self.args, self.specs, model)
+    }
+}
+
+fn generate_with<B: Backend>(args: GenerateArgs, specs: Vec<PromptSpec>, model: Model<B>) -> Result<()> {
     let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     // Procedural memory: each prompt retrieves its own memories (the prompt text is the task).
     let mut applied: Vec<Option<AppliedMemory>> = Vec::new();

@@ -52,5 +52,21 @@ pub fn run(args: InfoArgs) -> Result<()> {
         Some(template) => println!("chat template  {} characters: {}", template.source.len(), template.source.lines().next().unwrap_or("").chars().take(80).collect::<String>()),
         None => println!("chat template  none"),
     }
+    print_devices();
     Ok(())
+}
+
+/// The CUDA devices `--device cuda:N` can name, or why there are none.
+fn print_devices() {
+    match engram::backend::cuda::device::device_count() {
+        Ok(count) => {
+            for ordinal in 0..count {
+                match engram::backend::cuda::usable(ordinal) {
+                    Ok(info) => println!("gpu            {info}"),
+                    Err(reason) => println!("gpu            cuda:{ordinal} unusable: {reason}"),
+                }
+            }
+        }
+        Err(reason) => println!("gpu            none: {reason}"),
+    }
 }

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use engram::session::{LogitRequest, SequenceInput};
-use engram::{Session, SessionOptions};
+use engram::backend::Backend;
+use engram::{Model, Session, SessionOptions};
 
 use super::steering::{self, SteerArgs, VectorCache};
-use super::{prompts, ModelArgs};
+use super::{prompts, ModelArgs, ModelTask};
 
 #[derive(Args)]
 pub struct LogitsArgs {
@@ -30,7 +31,19 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
-    let model = args.model.load()?;
+    args.model.clone().with_model(Logits(args))
+}
+
+struct Logits(LogitsArgs);
+
+impl ModelTask for Logits {
+    type Output = ();
+    fn run<B: Backend>(self, model: Model<B>) -> Result<()> {
+        logits_with(self.0, model)
+    }
+}
+
+fn logits_with<B: Backend>(args: LogitsArgs, model: Model<B>) -> Result<()> {
     let ids = prompts::prompt_ids(&model, &args.prompt, args.chat, args.system.as_deref())?;
     let mut options = SessionOptions::new(1, ids.len().min(model.config.max_position_embeddings));
     options.max_logit_rows = if args.all_positions { options.max_batch_rows } else { 1 };

@@ -18,6 +18,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use engram::backend::cpu::CpuBackend;
+use engram::backend::cuda::{CudaBackend, DeviceChoice};
+use engram::backend::Backend;
 use engram::model::ModelFiles;
 use engram::{DType, Model};
 
@@ -63,22 +65,88 @@ pub struct ModelArgs {
     /// CPU threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Where to run: auto (CUDA when a usable GPU is present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+/// A command body that runs on whichever backend `--device` selected (a trait rather than a
+/// closure because the body is generic over the backend).
+pub trait ModelTask {
+    type Output;
+    fn run<B: Backend>(self, model: Model<B>) -> Result<Self::Output>;
+}
+
+/// The backend `--device` resolved to.
+pub(crate) enum Selected {
+    Cpu(CpuBackend),
+    Cuda(Box<CudaBackend>),
 }
 
 impl ModelArgs {
+    /// Loads the model on the device `--device` names and runs `task` on it.
+    pub fn with_model<T: ModelTask>(&self, task: T) -> Result<T::Output> {
+        match self.select()? {
+            Selected::Cpu(backend) => task.run(self.load_on(backend, self.dtype)?),
+            Selected::Cuda(backend) => {
+                // The GPU computes with 16-bit weights: f32 (the CPU default) is held as bf16.
+                let dtype = if self.dtype == DType::F32 { DType::BF16 } else { self.dtype };
+                task.run(self.load_on(*backend, dtype)?)
+            }
+        }
+    }
+
+    pub(crate) fn select(&self) -> Result<Selected> {
+        match self.device {
+            DeviceChoice::Cpu => Ok(Selected::Cpu(CpuBackend::new(self.threads, None)?)),
+            DeviceChoice::Cuda(ordinal) => {
+                let backend = CudaBackend::new(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
+                Ok(Selected::Cuda(Box::new(backend)))
+            }
+            // Usable means the whole backend starts (driver, device, kernels compiled); anything
+            // short of that runs on the CPU, with the reason on one line.
+            DeviceChoice::Auto => match CudaBackend::new(0) {
+                Ok(backend) => Ok(Selected::Cuda(Box::new(backend))),
+                Err(reason) => {
+                    let reason = reason.to_string();
+                    let first_line = reason.trim_start_matches("device: ").lines().next().unwrap_or_default().to_string();
+                    let more = if reason.lines().count() > 1 { " (--device cuda shows the details)" } else { "" };
+                    eprintln!("engram: running on the CPU: {first_line}{more}");
+                    Ok(Selected::Cpu(CpuBackend::new(self.threads, None)?))
+                }
+            },
+        }
+    }
+
+    /// Loads the model on the CPU; for commands that do not run on a GPU yet (an explicit
+    /// `--device cuda` is refused rather than ignored).
     pub fn load(&self) -> Result<Model<CpuBackend>> {
+        if let DeviceChoice::Cuda(_) = self.device {
+            anyhow::bail!("this command runs on the CPU only for now; drop --device {} (or pass --device cpu)", device_text(self.device));
+        }
+        self.load_on(CpuBackend::new(self.threads, None)?, self.dtype)
+    }
+
+    pub(crate) fn load_on<B: Backend>(&self, backend: B, dtype: DType) -> Result<Model<B>> {
         if !self.model.exists() && self.model == std::path::Path::new(DEFAULT_MODEL) {
             anyhow::bail!("{DEFAULT_MODEL} is missing: run `bash tools/fetch_model.sh` first (see README.md)");
         }
         let files = ModelFiles::open(&self.model)?;
-        let backend = CpuBackend::new(self.threads, None)?;
         let progress = indicatif::ProgressBar::new(files.config.num_hidden_layers as u64);
         progress.set_style(indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers").expect("valid template"));
         progress.set_message(self.model.display().to_string());
-        let model = Model::load(backend, files, self.dtype, |done, _| progress.set_position(done as u64))
+        let model = Model::load(backend, files, dtype, |done, _| progress.set_position(done as u64))
             .with_context(|| format!("loading {}", self.model.display()))?;
         progress.finish_and_clear();
         Ok(model)
+    }
+}
+
+fn device_text(device: DeviceChoice) -> String {
+    match device {
+        DeviceChoice::Auto => "auto".into(),
+        DeviceChoice::Cpu => "cpu".into(),
+        DeviceChoice::Cuda(n) => format!("cuda:{n}"),
     }
 }
 

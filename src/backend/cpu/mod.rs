@@ -286,4 +286,8 @@ impl Backend for CpuBackend {
             dst[i * dim..(i + 1) * dim].copy_from_slice(&src[r * dim..(r + 1) * dim]);
         }
     }
+
+    fn copy_kv_prefix(&self, kv: &mut CpuKvStore, from_slot: usize, to_slot: usize, positions: usize) {
+        kv.copy_prefix(from_slot, to_slot, positions);
+    }
 }

@@ -70,6 +70,9 @@ pub trait Backend: Send + Sync {
     /// Copies the first `out.len()` values of `src` to the host.
     fn download(&self, src: &Self::Buffer, out: &mut [f32]) -> Result<()>;
     fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, kv_dim: usize) -> Result<Self::KvStore>;
+    /// Copies the first `positions` K and V entries of every layer from `from_slot` to
+    /// `to_slot` (a shared prompt prefix computed once and continued in several slots).
+    fn copy_kv_prefix(&self, kv: &mut Self::KvStore, from_slot: usize, to_slot: usize, positions: usize);
 
     /// `out[r] = table[tokens[r]]`, widened to f32.
     fn embed(&self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buffer);

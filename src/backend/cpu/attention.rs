@@ -26,6 +26,20 @@ impl CpuKvStore {
     fn offset(&self, layer: usize, slot: usize, position: usize) -> usize {
         ((layer * self.slots + slot) * self.max_positions + position) * self.kv_dim
     }
+
+    /// Copies positions `0..positions` of every layer's K and V from `from` to `to`.
+    pub fn copy_prefix(&mut self, from: usize, to: usize, positions: usize) {
+        assert!(from < self.slots && to < self.slots && positions <= self.max_positions, "KV prefix copy outside the cache");
+        if from == to || positions == 0 {
+            return;
+        }
+        let len = positions * self.kv_dim;
+        for layer in 0..self.layers {
+            let (src, dst) = (self.offset(layer, from, 0), self.offset(layer, to, 0));
+            self.keys.copy_within(src..src + len, dst);
+            self.values.copy_within(src..src + len, dst);
+        }
+    }
 }
 
 /// Rows in a run at least this long (same slot, consecutive positions) use the gemm path.

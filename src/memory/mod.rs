@@ -2,6 +2,7 @@
 //! them, distillation of success-minus-failure steering directions into a memory bank (one
 //! safetensors file), and retrieval of memories for a task by the cosine similarity of keys.
 
+pub mod apply;
 pub mod bank;
 pub mod context;
 pub mod distill;
@@ -10,4 +11,4 @@ pub mod retrieve;
 
 pub use bank::{Memory, MemoryBank};
 pub use context::Position;
-pub use experience::{Episode, ExperienceReader, Step};
+pub use experience::{Episode, EpisodeSource, ExperienceReader, Step};

@@ -130,6 +130,10 @@ fn environment_failures_end_the_episode_and_the_run_goes_on() {
         assert!(stderr.contains(expect) && stderr.contains("\"op\":\"step\"") && stderr.contains("--fault"), "{fault}: {stderr}");
         assert_eq!(lines(&out).len(), 4);
     }
+    // A hung environment started through a shell is stopped with everything the shell started.
+    if let Ok(left) = Command::new("pgrep").args(["-f", "--", "--fault hang --fault-variation 1"]).output() {
+        assert!(left.stdout.is_empty(), "hung environments left running: {}", String::from_utf8_lossy(&left.stdout));
+    }
     // An environment that exits at once: the command fails naming it and the request.
     let (ok, _, stderr) = output(engram_command().args(["agent", "collect", "--env", "cmd:exit 3", "--split", "train", "--policy", "gold", "-o"]).arg(dir.path().join("x.jsonl")));
     assert!(!ok && stderr.contains("exit 3") && stderr.contains("info") && !stderr.contains("panicked"), "{stderr}");

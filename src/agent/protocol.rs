@@ -179,11 +179,13 @@ impl ProcessEnv {
 
     fn start(&mut self) -> EnvResult<&mut Running> {
         if self.running.is_none() {
-            let mut child = Command::new(&self.command.program)
-                .args(&self.command.args)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
+            let mut command = Command::new(&self.command.program);
+            command.args(&self.command.args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            // Its own process group, so that stopping a hung `sh -c ...` environment also stops
+            // what the shell started (killing the shell alone would orphan it).
+            #[cfg(unix)]
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+            let mut child = command
                 .spawn()
                 .map_err(|e| EnvError::Spawn { command: self.command.display(), reason: e.to_string() })?;
             let stdin = child.stdin.take().expect("piped stdin");
@@ -218,11 +220,13 @@ impl ProcessEnv {
             // A well-behaved environment exits when its stdin closes; give it a moment, then kill.
             for _ in 0..20 {
                 if matches!(running.child.try_wait(), Ok(Some(_))) {
+                    // The leader has gone; anything it left behind in its group goes too.
+                    kill_process_group(&mut running.child);
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let _ = running.child.kill();
+            kill_process_group(&mut running.child);
             let _ = running.child.wait();
         }
     }
@@ -237,6 +241,16 @@ impl ProcessEnv {
         }
         "output closed".into()
     }
+}
+
+/// Kills the child and everything in its process group (the child leads it, see `start`).
+fn kill_process_group(child: &mut Child) {
+    #[cfg(unix)]
+    {
+        // `kill -KILL -- -PGID` reaches the whole group without unsafe FFI.
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+    let _ = child.kill();
 }
 
 impl Drop for ProcessEnv {
@@ -327,4 +341,24 @@ pub fn env_command(spec: &str, engram: &std::path::Path, python: &str) -> std::r
         return Ok(bridge("twx_bridge.py", &["--game", game]));
     }
     Err(format!("unknown environment '{spec}' (expected builtin, cmd:COMMAND, scienceworld or twx:GAME)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_values_map_to_commands() {
+        let engram = std::path::Path::new("/bin/engram");
+        let builtin = env_command("builtin", engram, "py").unwrap();
+        assert_eq!((builtin.program.as_str(), builtin.args.join(" ")), ("/bin/engram", "agent env builtin".to_string()));
+        let cmd = env_command("cmd:python3 x.py --game coin", engram, "py").unwrap();
+        assert_eq!((cmd.program.as_str(), cmd.display()), ("sh", "python3 x.py --game coin".to_string()));
+        let twx = env_command("twx:coin", engram, ".venv-envs/bin/python").unwrap();
+        assert_eq!(twx.display(), ".venv-envs/bin/python tools/envs/twx_bridge.py --game coin");
+        assert_eq!(env_command("scienceworld", engram, "py").unwrap().display(), "py tools/envs/scienceworld_bridge.py");
+        for bad in ["gym", "cmd:", "twx:", ""] {
+            assert!(env_command(bad, engram, "py").is_err(), "{bad}");
+        }
+    }
 }

@@ -283,7 +283,8 @@ fn collect(args: CollectArgs) -> Result<()> {
         other => bail!("--policy '{other}' (expected model, gold, random or mixed)"),
     };
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.output).with_context(|| format!("opening {}", args.output.display()))?;
-    let bar = progress_bar(todo.len());
+    let todo_count = todo.len();
+    let bar = progress_bar(todo_count);
     let (mut written, mut successes, mut env_errors) = (0, 0, 0);
     for spec in todo {
         let outcome = run_episode(&mut env, spec, actor.as_mut(), limits)?;
@@ -307,7 +308,7 @@ fn collect(args: CollectArgs) -> Result<()> {
         "wrote {written} episodes ({successes} succeeded, {} failed) to {}; {} already there; {env_errors} environment errors",
         written - successes,
         args.output.display(),
-        done.len().min(specs.len())
+        specs.len() - todo_count
     );
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::process::Command;
 use common::{engram_command, require_model, run_ok};
 use engram::agent::builtin::BuiltinEnv;
 use engram::agent::eval::{check_overlap, parse_conditions, summarize, EpisodeResult, OverlapCheck};
-use engram::agent::policy::{Agent, AgentOptions, PromptInput};
+use engram::agent::policy::{ActionPolicy, Agent, AgentOptions, PromptInput};
 use engram::agent::runner::{run_episode, schedule, EpisodeEnd, EpisodeSpec, GoldActor, ModelActor, RunLimits};
 use engram::agent::stats::{mcnemar_exact, mean_t_interval, paired_bootstrap_interval, wilson_interval, Z95};
 use engram::agent::{EnvCommand, Environment, ProcessEnv};
@@ -97,6 +97,15 @@ fn scoring_with_the_fork_matches_scoring_each_candidate_alone() {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     }
     assert!(batched.tokens > 0 && batched.seconds > 0.0);
+    // The generate policy maps whatever it writes to one of the candidates.
+    let mut generating = Agent::new(&model, AgentOptions { policy: ActionPolicy::Generate, max_action_tokens: 6, ..AgentOptions::default() }).unwrap();
+    let generated = generating.choose(&input).unwrap();
+    assert!(generated.index < actions.len() && generated.generated.is_some() && generated.scores.is_empty());
+    // A prompt that cannot fit the context is an error naming the context, not a panic.
+    let long = "x".repeat(3000);
+    let too_long = PromptInput { observation: &long, ..input };
+    let err = batched.choose(&too_long).unwrap_err().to_string();
+    assert!(err.contains("context"), "{err}");
 }
 
 #[test]

@@ -318,6 +318,9 @@ fn statistics_match_hand_computed_values() {
     assert!((comparisons[0].mcnemar_p - 0.125).abs() < 1e-12);
     assert!((comparisons[0].mean_score_difference - 5.0 / 7.0).abs() < 1e-12);
     assert_eq!(summaries[0].tokens_per_second, 10.0);
+    // 1 of 7: the t interval's lower end (1/7 - 2.447 · 0.378 / √7 < 0) is clipped to the score range.
+    let (lo, hi) = summaries[0].score_ci95.unwrap();
+    assert!(lo == 0.0 && hi > 1.0 / 7.0 && hi < 1.0, "{lo} {hi}");
 }
 
 #[test]

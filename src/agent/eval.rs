@@ -207,7 +207,7 @@ pub struct ConditionSummary {
     /// Wilson score interval, 95%.
     pub success_ci95: (f64, f64),
     pub mean_score: f64,
-    /// Student-t interval of the mean score, 95% (None with fewer than two episodes).
+    /// Student-t interval of the mean score, 95%, clipped to [0, 1] (None with fewer than two episodes).
     pub score_ci95: Option<(f64, f64)>,
     pub mean_steps: f64,
     pub tokens: u64,
@@ -249,7 +249,7 @@ pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
 pub fn methods() -> Methods {
     Methods {
         success_interval: "Wilson score interval, 95%",
-        score_interval: "Student t interval of the mean, 95%",
+        score_interval: "Student t interval of the mean, 95%, clipped to [0, 1]",
         paired_success_test: "exact McNemar test (two-sided binomial test on the discordant pairs)",
         paired_score_interval: format!("paired bootstrap percentile interval of the mean difference, 95%, {BOOTSTRAP_RESAMPLES} resamples"),
     }
@@ -266,6 +266,9 @@ pub fn summarize(conditions: &[String], results: &[EpisodeResult], seed: u64) ->
             let successes = rs.iter().filter(|r| r.success).count();
             let scores: Vec<f64> = rs.iter().map(|r| r.score).collect();
             let (mean_score, score_ci95) = mean_t_interval(&scores);
+            // Scores live in [0, 1] (the protocol normalises them); a t interval of a few
+            // episodes can reach past that range, which says nothing more, so it is clipped.
+            let score_ci95 = score_ci95.map(|(lo, hi)| (lo.max(0.0), hi.min(1.0)));
             let tokens = rs.iter().map(|r| r.tokens).sum::<u64>();
             let seconds = rs.iter().map(|r| r.seconds).sum::<f64>();
             ConditionSummary {

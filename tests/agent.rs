@@ -185,6 +185,14 @@ fn collect_appends_and_resumes() {
     }
     let (third, _) = collect("10");
     assert!(third.contains("wrote 0 episodes"), "{third}");
+    // The model policy collects too (a tiny model, short episodes).
+    let model_dir = tiny_model();
+    let by_model = dir.path().join("model.jsonl");
+    let (stdout, _) = run_ok(
+        engram_command().args(["agent", "collect", "--env", "builtin", "--split", "dev", "--episodes", "2", "--policy", "model", "--max-steps", "2", "-m"]).arg(model_dir.path()).arg("-o").arg(&by_model),
+    );
+    assert!(stdout.contains("wrote 2 episodes"), "{stdout}");
+    assert!(lines(&by_model).iter().all(|e| e["steps"].as_array().unwrap().len() <= 2));
 }
 
 /// Collects mixed train episodes and distils a bank from them with the CLI.

@@ -63,6 +63,28 @@ impl<B: Backend> KvCache<B> {
         Ok(())
     }
 
+    /// Makes each slot of `to` hold the first `positions` tokens of `from`'s sequence (the K/V
+    /// entries are copied; the slots' own earlier contents are forgotten).
+    pub fn fork_prefix(&mut self, backend: &B, from: usize, to: &[usize], positions: usize) -> Result<()> {
+        let slots = self.lengths.len();
+        if from >= slots {
+            return Err(Error::InvalidInput(format!("slot {from} outside the session's {slots} slots")));
+        }
+        if positions > self.lengths[from] {
+            return Err(Error::InvalidInput(format!("cannot fork {positions} positions of slot {from}, which holds {}", self.lengths[from])));
+        }
+        if let Some(&bad) = to.iter().find(|&&t| t >= slots) {
+            return Err(Error::InvalidInput(format!("slot {bad} outside the session's {slots} slots")));
+        }
+        for &target in to {
+            if target != from {
+                backend.copy_kv_prefix(&mut self.store, from, target, positions);
+                self.lengths[target] = positions;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn advance(&mut self, slot: usize, count: usize) {
         self.lengths[slot] += count;
     }

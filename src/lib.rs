@@ -28,6 +28,7 @@
 //! # }
 //! ```
 
+pub mod agent;
 pub mod backend;
 pub mod error;
 pub mod forward;

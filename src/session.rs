@@ -269,6 +269,19 @@ impl<'m, B: Backend> Session<'m, B> {
         Ok(())
     }
 
+    /// Continues `from`'s first `positions` cached tokens in each slot of `to`: their KV entries
+    /// are copied, their lengths set to `positions`, and they count as prompt (not generated)
+    /// rows. A prompt shared by many continuations is then computed once.
+    pub fn fork_prefix(&mut self, from: usize, to: &[usize], positions: usize) -> Result<()> {
+        self.kv.fork_prefix(&self.model.backend, from, to, positions)?;
+        for &target in to {
+            if target != from {
+                self.prompt_lens[target] = None;
+            }
+        }
+        Ok(())
+    }
+
     /// Everything captured so far (means of `mean` capture included); the store is emptied.
     pub fn take_captures(&mut self) -> Vec<CaptureRecord> {
         let mut records = std::mem::take(&mut self.captured);

@@ -62,6 +62,8 @@ fn synthetic_episodes() -> Vec<Episode> {
                 score: Some(if success { 1.0 } else { 0.0 }),
                 steps,
                 workflow: None,
+                variation: None,
+                split: None,
             });
         }
     }

@@ -71,6 +71,9 @@ pub trait Backend: Send + Sync {
     /// Copies the first `out.len()` values of `src` to the host.
     fn download(&self, src: &Self::Buffer, out: &mut [f32]) -> Result<()>;
     fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, kv_dim: usize) -> Result<Self::KvStore>;
+    /// Copies the first `positions` K and V entries of every layer from `from_slot` to
+    /// `to_slot` (a shared prompt prefix computed once and continued in several slots).
+    fn copy_kv_prefix(&self, kv: &mut Self::KvStore, from_slot: usize, to_slot: usize, positions: usize);
 
     /// `out[r] = table[tokens[r]]`, widened to f32.
     fn embed(&self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buffer);
@@ -97,7 +100,4 @@ pub trait Backend: Send + Sync {
     fn residual_step(&self, h: &mut Self::Buffer, delta: &Self::Buffer, rows: usize, dim: usize, norm_weight: &Self::Buffer, eps: f32, x_out: &mut Self::Buffer, fused: FusedArgs<'_, Self>);
     /// `dst[i] = src[rows[i]]` for rows of width `dim`.
     fn gather_rows(&self, src: &Self::Buffer, rows: &[u32], dim: usize, dst: &mut Self::Buffer);
-    /// Copies the first `positions` cached K and V entries of every layer from `from_slot` to
-    /// `to_slot` (one prompt's KV shared by several candidates).
-    fn copy_kv_prefix(&self, kv: &mut Self::KvStore, from_slot: usize, to_slot: usize, positions: usize);
 }

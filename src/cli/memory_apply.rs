@@ -1,14 +1,13 @@
 //! `--memory BANK` on `generate`: retrieve each prompt's procedural memory and apply it as a
 //! steering term (per sequence, in the same batch), as workflow text in the prompt, or both.
+//! The retrieval and its application live in [`engram::memory::apply`] (the agent uses it too).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use engram::backend::Backend;
-use engram::memory::distill::instruction_key;
-use engram::memory::retrieve::{blend, retrieve};
+use engram::memory::apply::{prompt_with_workflow, retrieve_for_task, MemoryMode, RetrievalOptions};
 use engram::memory::MemoryBank;
 use engram::steer::plan::parse_range;
 use engram::steer::SteeringTerm;
@@ -47,51 +46,49 @@ pub struct AppliedMemory {
 }
 
 impl MemoryOptions {
-    fn modes(&self) -> Result<(bool, bool)> {
-        match self.memory_mode.as_str() {
-            "steer" => Ok((true, false)),
-            "text" => Ok((false, true)),
-            "both" => Ok((true, true)),
-            other => bail!("--memory-mode '{other}' (expected steer, text or both)"),
+    fn mode(&self) -> Result<MemoryMode> {
+        self.memory_mode.parse().map_err(|_| anyhow::anyhow!("--memory-mode '{}' (expected steer, text or both)", self.memory_mode))
+    }
+
+    /// Retrieval settings from the command line (checked).
+    pub fn retrieval(&self) -> Result<RetrievalOptions> {
+        if !self.memory_scale.is_finite() {
+            bail!("--memory-scale must be finite");
         }
+        let layers = match &self.memory_layers {
+            Some(layers) => Some(parse_range(layers).with_context(|| format!("--memory-layers '{layers}' (expected A-B)"))?),
+            None => None,
+        };
+        Ok(RetrievalOptions { top_k: self.memory_top_k, threshold: self.memory_threshold, scale: self.memory_scale, layers })
     }
 
     /// The bank, checked against the model (None without --memory).
     pub fn load<B: Backend>(&self, model: &Model<B>) -> Result<Option<MemoryBank>> {
         let Some(path) = &self.memory else { return Ok(None) };
-        self.modes()?;
-        if !self.memory_scale.is_finite() {
-            bail!("--memory-scale must be finite");
-        }
-        let bank = MemoryBank::read(path).with_context(|| format!("reading memory bank {}", path.display()))?;
-        bank.check_fits(model.config.hidden_size, model.config.num_hidden_layers).with_context(|| format!("memory bank {}", path.display()))?;
-        if bank.memories.is_empty() {
-            bail!("memory bank {} holds no memories", path.display());
-        }
-        Ok(Some(bank))
+        self.mode()?;
+        self.retrieval()?;
+        Ok(Some(load_bank(path, model)?))
     }
 
     /// Retrieves for one task (the prompt text) and builds what the chosen mode applies.
     pub fn apply<B: Backend>(&self, model: &Model<B>, bank: &MemoryBank, bank_path: &Path, task: &str) -> Result<AppliedMemory> {
-        let (steer, text) = self.modes()?;
-        let key_layer = bank.memories[0].meta.key_layer;
-        let key = instruction_key(model, task, key_layer)?;
-        let hits = retrieve(bank, &key, key_layer, self.memory_top_k, self.memory_threshold)?;
-        let retrieved: Vec<(String, f64)> = hits.iter().map(|h| (h.name.clone(), h.score)).collect();
-        if hits.is_empty() {
-            return Ok(AppliedMemory { retrieved, term: None, prompt: task.to_string() });
-        }
-        let term = if steer {
-            let mut term = SteeringTerm::new(Arc::new(blend(bank, &hits).with_context(|| format!("blending memories of {}", bank_path.display()))?), self.memory_scale);
-            if let Some(layers) = &self.memory_layers {
-                term.layers = Some(parse_range(layers).with_context(|| format!("--memory-layers '{layers}' (expected A-B)"))?);
-            }
-            Some(term)
-        } else {
-            None
+        let mode = self.mode()?;
+        let memory = retrieve_for_task(model, bank, task, &self.retrieval()?)?;
+        let term = memory.term(mode).with_context(|| format!("blending memories of {}", bank_path.display()))?;
+        let prompt = match memory.workflow_for(mode) {
+            Some(workflow) => prompt_with_workflow(workflow, task),
+            None => task.to_string(),
         };
-        let workflow = &bank.memories[hits[0].index].meta.workflow;
-        let prompt = if text && !workflow.trim().is_empty() { format!("Workflow that worked for similar tasks:\n{}\n\nTask: {task}", workflow.trim()) } else { task.to_string() };
-        Ok(AppliedMemory { retrieved, term, prompt })
+        Ok(AppliedMemory { retrieved: memory.retrieved, term, prompt })
     }
+}
+
+/// Reads a memory bank and refuses one made for another model or holding no memories.
+pub fn load_bank<B: Backend>(path: &Path, model: &Model<B>) -> Result<MemoryBank> {
+    let bank = MemoryBank::read(path).with_context(|| format!("reading memory bank {}", path.display()))?;
+    bank.check_fits(model.config.hidden_size, model.config.num_hidden_layers).with_context(|| format!("memory bank {}", path.display()))?;
+    if bank.memories.is_empty() {
+        bail!("memory bank {} holds no memories", path.display());
+    }
+    Ok(bank)
 }

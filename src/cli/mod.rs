@@ -1,5 +1,6 @@
 //! Subcommand definitions and the options they share (model path, dtype, threads).
 
+mod agent;
 mod bench;
 mod convert;
 mod generate;
@@ -51,6 +52,8 @@ enum Command {
     Vectors(vectors::VectorsArgs),
     /// Neural procedural memory: distil, list, show, merge, export and retrieve memory banks.
     Memory(memory::MemoryArgs),
+    /// Agents in text environments: collect experiences, evaluate memory conditions.
+    Agent(agent::AgentArgs),
 }
 
 /// Options every command that runs a model takes.
@@ -160,5 +163,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MakeRandom(args) => make_random::run(args),
         Command::Vectors(args) => vectors::run(args),
         Command::Memory(args) => memory::run(args),
+        Command::Agent(args) => agent::run(args),
     }
 }

@@ -13,6 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::context::Position;
+use super::experience::EpisodeSource;
 use crate::error::{Error, Result};
 use crate::steer::compute::Method;
 use crate::steer::SteeringVector;
@@ -64,6 +65,11 @@ pub struct MemoryMeta {
     /// before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<usize>,
+    /// The (task, variation, split) of every episode the memory was distilled from, so that an
+    /// evaluation can refuse them; `None` when some episode did not say (or the bank predates
+    /// this field), and then overlap cannot be checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<EpisodeSource>>,
 }
 
 /// One memory: a skill as per-layer directions plus what retrieval and people need to use it.
@@ -299,6 +305,7 @@ pub(crate) mod tests {
                 method: Method::Mean,
                 position: Position::ContextLast,
                 history: Some(2),
+                sources: None,
             },
             direction,
             key: (0..hidden).map(|i| (i as f32 + seed).cos()).collect(),

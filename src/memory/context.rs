@@ -87,6 +87,8 @@ mod tests {
             score: None,
             steps: vec![step("o1", "a1"), step("o2", "a2"), step("o3", "a3")],
             workflow: None,
+            variation: None,
+            split: None,
         };
         assert_eq!(context_text(&e, 0, 2), "Task: do it\nObservation: o1\nAction:");
         assert_eq!(context_text(&e, 2, 1), "Task: do it\nObservation: o2\nAction: a2\nObservation: o3\nAction:");

@@ -331,6 +331,11 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
             method: options.method,
             position: options.position,
             history: Some(options.history),
+            sources: group.iter().map(|e| e.source()).collect::<Option<Vec<_>>>().map(|mut s| {
+                s.sort();
+                s.dedup();
+                s
+            }),
         };
         bank.add(Memory { meta, direction, key: key.into_iter().map(|v| v as f32).collect() })?;
     }
@@ -390,6 +395,8 @@ mod tests {
             score: None,
             steps: actions.iter().map(|a| step(a)).collect(),
             workflow: None,
+            variation: None,
+            split: None,
         };
         let (long, short, failed) = (e(true, &["a", "b", "c"]), e(true, &["x", "y"]), e(false, &["z"]));
         assert_eq!(workflow_text(&[&long, &short, &failed]), "1. x\n2. y");

@@ -39,6 +39,34 @@ pub struct Episode {
     /// An explicit workflow text for this kind of task, when the harness wrote one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<String>,
+    /// The environment's variation of the task, when the episode came from an environment
+    /// (with `split`, it identifies the episode, so evaluation can refuse what a bank saw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variation: Option<u64>,
+    /// The environment split the variation belongs to (train, dev, test).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
+}
+
+impl Episode {
+    /// The (task, variation, split) the episode ran, when it says all three.
+    pub fn source(&self) -> Option<EpisodeSource> {
+        Some(EpisodeSource { task: self.task.clone(), variation: self.variation?, split: self.split.clone()? })
+    }
+}
+
+/// One environment episode's identity: a task's variation in a split.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EpisodeSource {
+    pub task: String,
+    pub variation: u64,
+    pub split: String,
+}
+
+impl std::fmt::Display for EpisodeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} variation {} ({})", self.task, self.variation, self.split)
+    }
 }
 
 impl Episode {

@@ -4,6 +4,7 @@
 //! analysis of a bank (similarity, basis directions, the steps behind them, labels, reports).
 
 pub mod analyze;
+pub mod apply;
 pub mod bank;
 pub mod context;
 pub mod distill;
@@ -14,4 +15,4 @@ pub mod retrieve;
 
 pub use bank::{Memory, MemoryBank};
 pub use context::Position;
-pub use experience::{Episode, ExperienceReader, Step};
+pub use experience::{Episode, EpisodeSource, ExperienceReader, Step};

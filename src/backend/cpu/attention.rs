@@ -27,15 +27,15 @@ impl CpuKvStore {
         ((layer * self.slots + slot) * self.max_positions + position) * self.kv_dim
     }
 
-    /// Copies the first `positions` K and V entries of every layer from `from_slot` to `to_slot`.
-    pub fn copy_prefix(&mut self, from_slot: usize, to_slot: usize, positions: usize) {
-        assert!(from_slot < self.slots && to_slot < self.slots && positions <= self.max_positions, "KV prefix copy outside the cache");
-        if from_slot == to_slot {
+    /// Copies positions `0..positions` of every layer's K and V from `from` to `to`.
+    pub fn copy_prefix(&mut self, from: usize, to: usize, positions: usize) {
+        assert!(from < self.slots && to < self.slots && positions <= self.max_positions, "KV prefix copy outside the cache");
+        if from == to || positions == 0 {
             return;
         }
         let len = positions * self.kv_dim;
         for layer in 0..self.layers {
-            let (src, dst) = (self.offset(layer, from_slot, 0), self.offset(layer, to_slot, 0));
+            let (src, dst) = (self.offset(layer, from, 0), self.offset(layer, to, 0));
             self.keys.copy_within(src..src + len, dst);
             self.values.copy_within(src..src + len, dst);
         }

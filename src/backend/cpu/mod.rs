@@ -144,6 +144,10 @@ impl Backend for CpuBackend {
         Ok(CpuKvStore::new(layers, slots, max_positions, kv_dim))
     }
 
+    fn copy_kv_prefix(&self, kv: &mut CpuKvStore, from_slot: usize, to_slot: usize, positions: usize) {
+        kv.copy_prefix(from_slot, to_slot, positions);
+    }
+
     fn embed(&self, table: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) {
         let dim = table.cols;
         for (r, &t) in tokens.iter().enumerate() {
@@ -285,9 +289,5 @@ impl Backend for CpuBackend {
             let r = r as usize;
             dst[i * dim..(i + 1) * dim].copy_from_slice(&src[r * dim..(r + 1) * dim]);
         }
-    }
-
-    fn copy_kv_prefix(&self, kv: &mut CpuKvStore, from_slot: usize, to_slot: usize, positions: usize) {
-        kv.copy_prefix(from_slot, to_slot, positions);
     }
 }

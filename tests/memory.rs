@@ -363,3 +363,38 @@ fn generate_applies_the_retrieved_memory_as_steering_text_or_both() {
     let err = run_err(engram().args(["generate", "-m"]).arg(model.path()).args(["-p", "x", "--memory", bank_arg, "--memory-mode", "sometimes"]));
     assert!(err.contains("sometimes"), "{err}");
 }
+
+#[test]
+fn an_interrupted_distillation_resumes_from_its_checkpoint() {
+    let dir = tiny_model();
+    let model = load(dir.path());
+    let hidden = model.config.hidden_size;
+    let episodes = synthetic_episodes();
+    let steps: usize = episodes.iter().map(|e| e.steps.len()).sum();
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("bank.checkpoint");
+    let with_checkpoint = DistillOptions { checkpoint: Some(path.clone()), checkpoint_block: 10, batch: 4, ..options(Position::ContextLast) };
+    let full = distill(&model, &episodes, &with_checkpoint, |_, _| {}).unwrap();
+    assert_eq!((full.resumed_steps, full.checkpoint_note.as_deref()), (0, None));
+
+    // A run killed while writing its fourth block: three whole blocks and part of the fourth.
+    let header = std::fs::read(&path).unwrap().iter().position(|&b| b == b'\n').unwrap() as u64 + 1;
+    let block_bytes = (3 * 10 * hidden * 4) as u64;
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(header + 3 * block_bytes + 100).unwrap();
+    let mut first_progress = None;
+    let resumed = distill(&model, &episodes, &with_checkpoint, |done, _| {
+        first_progress.get_or_insert(done);
+    })
+    .unwrap();
+    assert_eq!(resumed.resumed_steps, 30);
+    assert_eq!(first_progress, Some(30));
+    assert!(resumed.checkpoint_note.as_deref().unwrap().contains(&format!("30 of {steps} steps")), "{:?}", resumed.checkpoint_note);
+    assert_eq!(resumed.bank, full.bank, "the resumed bank differs from the uninterrupted one");
+
+    // A finished checkpoint captures nothing more; other inputs start it over.
+    assert_eq!(distill(&model, &episodes, &with_checkpoint, |_, _| {}).unwrap().resumed_steps, steps);
+    let other = DistillOptions { history: 2, ..with_checkpoint.clone() };
+    let restarted = distill(&model, &episodes, &other, |_, _| {}).unwrap();
+    assert_eq!(restarted.resumed_steps, 0);
+    assert!(restarted.checkpoint_note.as_deref().unwrap().contains("other inputs"), "{:?}", restarted.checkpoint_note);
+}

@@ -105,6 +105,7 @@ fn cli_writes_reports_and_plots_and_refuses_bad_input() {
     std::fs::write(&experiences, lines_of(&halves_episodes())).unwrap();
     let bank = out.path().join("bank.safetensors");
     run_ok(engram_command().args(["memory", "distill", "-m"]).arg(dir.path()).arg("--experiences").arg(&experiences).arg("-o").arg(&bank).args(["--by", "task", "--layers", "0-2"]));
+    assert!(!out.path().join("bank.safetensors.checkpoint").exists(), "the distillation checkpoint is removed once the bank is written");
     let report = out.path().join("report");
     let (stdout, _) = run_ok(
         engram_command()

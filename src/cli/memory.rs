@@ -73,6 +73,13 @@ struct DistillArgs {
     /// Sequences run together.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Where captured activations are kept while distilling, so that an interrupted run
+    /// resumes (default: OUTPUT.checkpoint; removed once the bank is written).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Keep activations in memory only (no resuming).
+    #[arg(long, conflicts_with = "checkpoint")]
+    no_checkpoint: bool,
 }
 
 #[derive(Args)]
@@ -166,6 +173,7 @@ fn run_distill(args: DistillArgs) -> Result<()> {
         history: args.history,
         key_layer: args.key_layer,
         batch: args.batch,
+        checkpoint: (!args.no_checkpoint).then(|| args.checkpoint.clone().unwrap_or_else(|| checkpoint_path(&args.output))),
         ..Default::default()
     };
     let bar = indicatif::ProgressBar::new(0);
@@ -175,6 +183,9 @@ fn run_distill(args: DistillArgs) -> Result<()> {
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
+    if let Some(note) = &report.checkpoint_note {
+        eprintln!("{note}");
+    }
     for (name, problem) in &report.errors {
         eprintln!("error: memory '{name}': {problem}");
     }
@@ -182,6 +193,12 @@ fn run_distill(args: DistillArgs) -> Result<()> {
         bail!("no memory could be distilled from {}", args.experiences.display());
     }
     report.bank.write(&args.output)?;
+    if let Some(path) = &options.checkpoint {
+        // The bank holds everything now; a failure to remove the checkpoint only costs disk.
+        if let Err(e) = std::fs::remove_file(path) {
+            eprintln!("warning: could not remove {}: {e}", path.display());
+        }
+    }
     println!(
         "{} episodes ({} lines skipped) | by {} | method {} | position {} | history {}",
         episodes.len(),
@@ -194,6 +211,13 @@ fn run_distill(args: DistillArgs) -> Result<()> {
     print_list(&report.bank);
     println!("wrote {} ({} memories, {} failed)", args.output.display(), report.bank.memories.len(), report.errors.len());
     Ok(())
+}
+
+/// `OUTPUT.checkpoint`, beside the bank.
+fn checkpoint_path(output: &std::path::Path) -> PathBuf {
+    let mut name = output.as_os_str().to_owned();
+    name.push(".checkpoint");
+    PathBuf::from(name)
 }
 
 fn print_list(bank: &MemoryBank) {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::checkpoint::Checkpoint;
 use super::bank::{name_from, Counts, LayerStats, Memory, MemoryBank, MemoryMeta};
 use super::context::{action_text, context_text, Position};
 use super::experience::Episode;
@@ -83,6 +84,11 @@ pub struct DistillOptions {
     pub folds: usize,
     /// Sequences run together.
     pub batch: usize,
+    /// Where captured activations are kept as they are made, so that an interrupted run resumes
+    /// ([`super::checkpoint`]); `None` keeps them in memory only.
+    pub checkpoint: Option<std::path::PathBuf>,
+    /// Steps captured between two writes of the checkpoint.
+    pub checkpoint_block: usize,
 }
 
 impl Default for DistillOptions {
@@ -96,6 +102,8 @@ impl Default for DistillOptions {
             key_layer: None,
             folds: DEFAULT_FOLDS,
             batch: 8,
+            checkpoint: None,
+            checkpoint_block: 256,
         }
     }
 }
@@ -105,6 +113,10 @@ impl Default for DistillOptions {
 pub struct DistillReport {
     pub bank: MemoryBank,
     pub errors: Vec<(String, String)>,
+    /// Steps whose activations were read back from the checkpoint instead of captured.
+    pub resumed_steps: usize,
+    /// What happened to an existing checkpoint (resumed, or made from other inputs).
+    pub checkpoint_note: Option<String>,
 }
 
 /// The retrieval key of an instruction: the mean residual over its tokens after the first, at
@@ -191,10 +203,13 @@ pub fn capture_spans<B: Backend>(model: &Model<B>, items: &[(Vec<u32>, usize)], 
     Ok(out)
 }
 
+/// `(items, owners)`: each step's `(tokens, span start)` and its `(episode, step)`.
+pub type StepSpans = (Vec<(Vec<u32>, usize)>, Vec<(usize, usize)>);
+
 /// The token ids of every step's context (plus its action for [`Position::ActionMean`]), each with
 /// the index where the span whose activations stand for the step starts, and the (episode, step)
 /// each item belongs to, in episode then step order: the input of [`capture_spans`].
-pub fn step_spans<B: Backend>(model: &Model<B>, episodes: &[Episode], position: Position, history: usize) -> Result<(Vec<(Vec<u32>, usize)>, Vec<(usize, usize)>)> {
+pub fn step_spans<B: Backend>(model: &Model<B>, episodes: &[Episode], position: Position, history: usize) -> Result<StepSpans> {
     let mut items = Vec::new();
     let mut owner = Vec::new();
     for (i, e) in episodes.iter().enumerate() {
@@ -255,7 +270,26 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
     for (r, &i) in owner.iter().enumerate() {
         rows_of_episode[i].push(r);
     }
-    let activations = capture_spans(model, &items, &layers, options.batch, |done| progress(done, total))?;
+    let (mut resumed_steps, mut checkpoint_note) = (0, None);
+    let activations = match &options.checkpoint {
+        None => capture_spans(model, &items, &layers, options.batch, |done| progress(done, total))?,
+        Some(path) => {
+            let block = options.checkpoint_block.max(1);
+            let mut checkpoint = Checkpoint::open(path, &items, &layers, hidden, block)?;
+            (resumed_steps, checkpoint_note) = (checkpoint.done, checkpoint.note.take());
+            let mut activations = std::mem::take(&mut checkpoint.stored);
+            progress(checkpoint.done, total);
+            while checkpoint.done < total {
+                let start = checkpoint.done;
+                let block_activations = capture_spans(model, &items[start..(start + block).min(total)], &layers, options.batch, |done| progress(start + done, total))?;
+                checkpoint.append(&block_activations)?;
+                for (all, part) in activations.iter_mut().zip(block_activations) {
+                    all.extend(part);
+                }
+            }
+            activations
+        }
+    };
     // Every episode's instruction key, `[episodes, hidden]`, in one batched capture.
     let instruction_ids = episodes.iter().map(|e| model.tokenizer.encode(&e.instruction, true)).collect::<Result<Vec<_>>>()?;
     let instruction_keys = instruction_keys(model, &instruction_ids, key_layer, options.batch)?;
@@ -339,7 +373,7 @@ pub fn distill<B: Backend>(model: &Model<B>, episodes: &[Episode], options: &Dis
         };
         bank.add(Memory { meta, direction, key: key.into_iter().map(|v| v as f32).collect() })?;
     }
-    Ok(DistillReport { bank, errors })
+    Ok(DistillReport { bank, errors, resumed_steps, checkpoint_note })
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 pub mod analyze;
 pub mod apply;
 pub mod bank;
+pub mod checkpoint;
 pub mod context;
 pub mod distill;
 pub mod experience;

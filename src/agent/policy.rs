@@ -4,14 +4,13 @@
 //! computed once and forked into candidate slots) or generating and mapping to the nearest
 //! valid action.
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::generate::argmax;
-use crate::memory::apply::prompt_with_workflow;
-use crate::model::chat::ChatMessage;
+use crate::memory::context::{action_ids, prompt_ids};
+pub use crate::memory::context::{filter_actions, prompt_message, PromptInput};
 use crate::session::{LogitRequest, Model, SequenceInput, Session, SessionOptions};
 use crate::steer::{SteeringPlan, SteeringTerm};
 
@@ -77,68 +76,6 @@ impl Default for AgentOptions {
 }
 
 /// What the prompt of one step shows.
-#[derive(Debug, Clone, Copy)]
-pub struct PromptInput<'a> {
-    pub instruction: &'a str,
-    /// A memory's workflow text (text and both conditions).
-    pub workflow: Option<&'a str>,
-    /// Earlier (observation, action) pairs, oldest first; the last `history` are shown.
-    pub history: &'a [(String, String)],
-    pub observation: &'a str,
-    /// The candidate actions (already filtered).
-    pub actions: &'a [String],
-}
-
-/// The user message of a step. The layout follows the distiller's context
-/// ([`crate::memory::context::context_text`]: `Task:`, then `Observation:`/`Action:` lines) so a
-/// memory distilled from experiences sees the text it was made from, with the candidate list and
-/// the question after it.
-pub fn prompt_message(input: &PromptInput<'_>, history: usize) -> String {
-    let mut text = String::new();
-    let task = match input.workflow {
-        Some(workflow) => prompt_with_workflow(workflow, input.instruction),
-        None => format!("Task: {}", input.instruction),
-    };
-    text.push_str(&task);
-    text.push('\n');
-    for (observation, action) in &input.history[input.history.len().saturating_sub(history)..] {
-        text.push_str(&format!("Observation: {observation}\nAction: {action}\n"));
-    }
-    text.push_str(&format!("Observation: {}\n", input.observation));
-    text.push_str(&format!("Valid actions: {}\n", input.actions.join("; ")));
-    text.push_str("Reply with the next action, exactly as written in the list.");
-    text
-}
-
-/// Words of `text`, lowercased (letters and digits).
-fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase)
-}
-
-/// Words of an action that name no object: articles, prepositions, conjunctions.
-/// ("around" too: "look around" names no object.)
-const FUNCTION_WORDS: [&str; 18] = ["a", "an", "the", "in", "on", "to", "at", "into", "onto", "from", "with", "of", "and", "or", "for", "by", "up", "around"];
-
-/// The candidates a long valid-action list is cut down to before scoring. Lists of at most
-/// `cap` actions are kept whole. Otherwise an action is kept when every one of its object words
-/// (the words after the first, the verb, that are not function words) appears in `context` (the
-/// instruction and current observation): this is the "action template × objects present" filter
-/// for ScienceWorld-sized lists. Kept actions stay in the environment's order and the first
-/// `cap` are used; if none is kept, the first `cap` of the list are. Deterministic.
-pub fn filter_actions(actions: &[String], context: &str, cap: usize) -> Vec<String> {
-    if actions.len() <= cap {
-        return actions.to_vec();
-    }
-    let present: HashSet<String> = words(context).collect();
-    let kept: Vec<String> = actions
-        .iter()
-        .filter(|action| words(action).skip(1).filter(|w| !FUNCTION_WORDS.contains(&w.as_str())).all(|w| present.contains(&w)))
-        .take(cap)
-        .cloned()
-        .collect();
-    if kept.is_empty() { actions.iter().take(cap).cloned().collect() } else { kept }
-}
-
 /// Levenshtein distance over characters divided by the longer length (0 = equal, 1 = nothing shared).
 pub fn normalised_edit_distance(a: &str, b: &str) -> f64 {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
@@ -230,30 +167,14 @@ impl<'m, B: Backend> Agent<'m, B> {
         Ok(())
     }
 
-    /// The prompt's token ids: the chat template with the assistant's turn opened when the
-    /// model has one, else the message followed by `Action:`.
+    /// The prompt's token ids ([`crate::memory::context::prompt_ids`], shared with distillation).
     fn prompt_ids(&self, message: &str) -> Result<Vec<u32>> {
-        match &self.model.chat_template {
-            Some(template) => {
-                let rendered = template.render(&[ChatMessage::new("user", message)], true)?;
-                self.model.tokenizer.encode(&rendered, false)
-            }
-            None => self.model.tokenizer.encode(&format!("{message}\nAction:"), true),
-        }
+        prompt_ids(self.model, message)
     }
 
-    /// A candidate's token ids as they follow the prompt: with a chat template, the action and
-    /// the end of the turn (so an action that is a prefix of another is not favoured); without
-    /// one, a space, the action and a newline.
+    /// A candidate's token ids as they follow the prompt ([`crate::memory::context::action_ids`]).
     fn candidate_ids(&self, action: &str) -> Result<Vec<u32>> {
-        match (&self.model.chat_template, self.model.eos_ids.first()) {
-            (Some(_), Some(&end)) => {
-                let mut ids = self.model.tokenizer.encode(action, false)?;
-                ids.push(end);
-                Ok(ids)
-            }
-            _ => self.model.tokenizer.encode(&format!(" {action}\n"), false),
-        }
+        action_ids(self.model, action)
     }
 
     /// Picks one of `input.actions`. History is shortened (oldest first) when the prompt and
@@ -365,18 +286,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filter_keeps_actions_about_present_objects() {
-        let actions: Vec<String> = ["look around", "open door to kitchen", "open fridge", "take egg from fridge", "take apple", "focus on egg", "wait"].map(String::from).to_vec();
-        assert_eq!(filter_actions(&actions, "anything", 10), actions, "short lists are kept whole");
-        let kept = filter_actions(&actions, "You are in the kitchen. There is a fridge holding an egg.", 5);
-        assert_eq!(kept, ["look around", "open fridge", "take egg from fridge", "focus on egg", "wait"].map(String::from).to_vec());
-        let capped = filter_actions(&actions, "kitchen fridge egg", 2);
-        assert_eq!(capped, ["look around", "open fridge"].map(String::from).to_vec());
-        let none = filter_actions(&actions[1..5], "nothing here", 2);
-        assert_eq!(none, actions[1..3].to_vec(), "no match falls back to the first ones");
-    }
-
-    #[test]
     fn nearest_action_by_edit_distance() {
         assert_eq!(normalised_edit_distance("kitten", "sitting"), 3.0 / 7.0);
         assert_eq!(normalised_edit_distance("", ""), 0.0);
@@ -384,16 +293,5 @@ mod tests {
         assert_eq!(nearest_action("Take the egg", &actions), Some(1));
         assert_eq!(nearest_action("turn stove on", &actions), Some(2));
         assert_eq!(nearest_action("x", &[]), None);
-    }
-
-    #[test]
-    fn prompt_shows_recent_history_and_candidates() {
-        let history = vec![("o1".to_string(), "a1".to_string()), ("o2".to_string(), "a2".to_string())];
-        let actions = vec!["go".to_string(), "stay".to_string()];
-        let input = PromptInput { instruction: "do it", workflow: None, history: &history, observation: "o3", actions: &actions };
-        let text = prompt_message(&input, 1);
-        assert_eq!(text, "Task: do it\nObservation: o2\nAction: a2\nObservation: o3\nValid actions: go; stay\nReply with the next action, exactly as written in the list.");
-        let with = prompt_message(&PromptInput { workflow: Some("1. go"), ..input }, 0);
-        assert!(with.starts_with("Workflow that worked for similar tasks:\n1. go\n\nTask: do it\nObservation: o3\n"), "{with}");
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::checkpoint::Checkpoint;
 use super::bank::{name_from, Counts, LayerStats, Memory, MemoryBank, MemoryMeta};
-use super::context::{action_text, context_text, Position};
+use super::context::{action_ids, prompt_ids, step_message, Position};
 use super::experience::Episode;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -206,7 +206,8 @@ pub fn capture_spans<B: Backend>(model: &Model<B>, items: &[(Vec<u32>, usize)], 
 /// `(items, owners)`: each step's `(tokens, span start)` and its `(episode, step)`.
 pub type StepSpans = (Vec<(Vec<u32>, usize)>, Vec<(usize, usize)>);
 
-/// The token ids of every step's context (plus its action for [`Position::ActionMean`]), each with
+/// The token ids of every step's agent prompt ([`step_message`] through [`prompt_ids`], exactly
+/// what the agent runner shows the model; plus the action for [`Position::ActionMean`]), each with
 /// the index where the span whose activations stand for the step starts, and the (episode, step)
 /// each item belongs to, in episode then step order: the input of [`capture_spans`].
 pub fn step_spans<B: Backend>(model: &Model<B>, episodes: &[Episode], position: Position, history: usize) -> Result<StepSpans> {
@@ -214,12 +215,13 @@ pub fn step_spans<B: Backend>(model: &Model<B>, episodes: &[Episode], position: 
     let mut owner = Vec::new();
     for (i, e) in episodes.iter().enumerate() {
         for j in 0..e.steps.len() {
-            let mut tokens = model.tokenizer.encode(&context_text(e, j, history), true)?;
+            let mut tokens = prompt_ids(model, &step_message(e, j, history))?;
             let start = match position {
                 Position::ContextLast => tokens.len() - 1,
                 Position::ActionMean => {
+                    // The action's tokens as the runner scores them (with the end of the turn).
                     let n = tokens.len();
-                    tokens.extend(model.tokenizer.encode(&action_text(e, j), false)?);
+                    tokens.extend(action_ids(model, &e.steps[j].action)?);
                     n
                 }
             };

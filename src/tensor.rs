@@ -3,20 +3,29 @@
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
+use crate::model::quant::{self, GgmlType};
 
-/// Element type of weights held in memory (activations are always f32).
+/// How weights are held in memory (activations are always f32): a float type, a GGUF
+/// block-quantized type computed on directly, or `Native`, which keeps each tensor in the type
+/// its file stores it in whenever engram computes on that type (f32 otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Native,
 }
 
 impl DType {
-    pub fn size_in_bytes(self) -> usize {
+    /// Bytes per element of the float types (`None` for block-quantized and `Native`).
+    pub fn size_in_bytes(self) -> Option<usize> {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 => Some(4),
+            DType::F16 | DType::BF16 => Some(2),
+            _ => None,
         }
     }
 
@@ -25,6 +34,33 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Native => "native",
+        }
+    }
+
+    /// The ggml block type of a quantized dtype.
+    pub fn quant_type(self) -> Option<GgmlType> {
+        match self {
+            DType::Q8_0 => Some(GgmlType::Q8_0),
+            DType::Q4_0 => Some(GgmlType::Q4_0),
+            DType::Q4_1 => Some(GgmlType::Q4_1),
+            _ => None,
+        }
+    }
+
+    /// The dtype that holds a ggml type as it is, if engram computes on it.
+    pub fn of_ggml(ty: GgmlType) -> Option<DType> {
+        match ty {
+            GgmlType::F32 => Some(DType::F32),
+            GgmlType::F16 => Some(DType::F16),
+            GgmlType::BF16 => Some(DType::BF16),
+            GgmlType::Q8_0 => Some(DType::Q8_0),
+            GgmlType::Q4_0 => Some(DType::Q4_0),
+            GgmlType::Q4_1 => Some(DType::Q4_1),
+            _ => None,
         }
     }
 }
@@ -36,7 +72,13 @@ impl std::str::FromStr for DType {
             "f32" | "float32" => Ok(DType::F32),
             "f16" | "float16" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
-            other => Err(Error::InvalidInput(format!("unknown dtype '{other}' (expected f32, f16 or bf16)"))),
+            "q8_0" => Ok(DType::Q8_0),
+            "q4_0" => Ok(DType::Q4_0),
+            "q4_1" => Ok(DType::Q4_1),
+            "native" => Ok(DType::Native),
+            other => Err(Error::InvalidInput(format!(
+                "unknown dtype '{other}' (expected f32, f16, bf16, q8_0, q4_0, q4_1 or native)"
+            ))),
         }
     }
 }
@@ -53,6 +95,8 @@ pub enum TensorData {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    /// GGUF blocks of `ty` (Q8_0, Q4_0 or Q4_1), each row a whole number of blocks.
+    Quantized { ty: GgmlType, bytes: Vec<u8> },
 }
 
 /// A named-free host tensor: shape (outermost first, as in PyTorch) and data.
@@ -71,11 +115,30 @@ impl HostTensor {
         Ok(HostTensor { shape, data: TensorData::F32(data) })
     }
 
+    /// A tensor of GGUF blocks; checks that `ty` is one engram computes on and that `bytes` holds
+    /// exactly the blocks `shape` needs, rows being whole blocks.
+    pub fn quantized(shape: Vec<usize>, ty: GgmlType, bytes: Vec<u8>) -> Result<Self> {
+        if !matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+            return Err(Error::Unsupported(format!("computing on {ty} weights (engram computes on Q8_0, Q4_0 and Q4_1)")));
+        }
+        let row = shape.last().copied().unwrap_or(0);
+        let elements: usize = shape.iter().product();
+        if !row.is_multiple_of(ty.block_size()) || ty.bytes_for(elements as u64) != Some(bytes.len() as u64) {
+            return Err(Error::Shape(format!(
+                "{ty} tensor of shape {shape:?}: {} bytes do not make rows of whole {}-element blocks",
+                bytes.len(),
+                ty.block_size()
+            )));
+        }
+        Ok(HostTensor { shape, data: TensorData::Quantized { ty, bytes } })
+    }
+
     pub fn dtype(&self) -> DType {
         match self.data {
             TensorData::F32(_) => DType::F32,
             TensorData::F16(_) => DType::F16,
             TensorData::BF16(_) => DType::BF16,
+            TensorData::Quantized { ty, .. } => DType::of_ggml(ty).expect("only computable types are stored"),
         }
     }
 
@@ -87,26 +150,44 @@ impl HostTensor {
         self.len() == 0
     }
 
-    /// Converts (rounding to nearest even for the 16-bit types) to the requested dtype.
-    pub fn to_dtype(self, dtype: DType) -> HostTensor {
-        if self.dtype() == dtype {
-            return self;
+    /// Converts to the requested dtype: the 16-bit types round to nearest even, the quantized
+    /// ones quantize each row with ggml's reference rounding (rows must be whole blocks of 32),
+    /// and `Native` keeps the tensor as it is.
+    pub fn to_dtype(self, dtype: DType) -> Result<HostTensor> {
+        if dtype == DType::Native || self.dtype() == dtype {
+            return Ok(self);
         }
         let values = self.to_f32_vec();
         let data = match dtype {
             DType::F32 => TensorData::F32(values),
             DType::F16 => TensorData::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
             DType::BF16 => TensorData::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+                let ty = dtype.quant_type().expect("quantized dtype");
+                let row = self.shape.last().copied().unwrap_or(0);
+                if !row.is_multiple_of(quant::QK) {
+                    return Err(Error::Shape(format!(
+                        "a tensor of shape {:?} cannot be stored as {dtype}: its rows of {row} values are not whole blocks of {}",
+                        self.shape,
+                        quant::QK
+                    )));
+                }
+                return HostTensor::quantized(self.shape, ty, quant::quantize(ty, &values)?);
+            }
+            DType::Native => unreachable!("returned above"),
         };
-        HostTensor { shape: self.shape, data }
+        Ok(HostTensor { shape: self.shape, data })
     }
 
-    /// The values widened to f32 (a copy).
+    /// The values widened (dequantized) to f32 (a copy).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &self.data {
             TensorData::F32(v) => v.clone(),
             TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             TensorData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            TensorData::Quantized { ty, bytes } => {
+                quant::dequantize(*ty, bytes, self.len()).expect("block count checked when the tensor was made")
+            }
         }
     }
 
@@ -116,6 +197,7 @@ impl HostTensor {
             TensorData::F32(v) => bytemuck::cast_slice(v),
             TensorData::F16(v) => bytemuck::cast_slice(v),
             TensorData::BF16(v) => bytemuck::cast_slice(v),
+            TensorData::Quantized { bytes, .. } => bytes,
         }
     }
 
@@ -125,6 +207,7 @@ impl HostTensor {
             TensorData::F32(v) => v.iter().position(|x| !x.is_finite()),
             TensorData::F16(v) => v.iter().position(|x| !x.is_finite()),
             TensorData::BF16(v) => v.iter().position(|x| !x.is_finite()),
+            TensorData::Quantized { ty, bytes } => quant::first_non_finite(*ty, bytes),
         };
         match bad {
             Some(i) => Err(Error::InvalidInput(format!("{what}: non-finite value at element {i}"))),

@@ -55,16 +55,36 @@ fn load_checked(source: &dyn TensorSource, name: &str, expected: &[usize], dtype
     Ok(tensor)
 }
 
-/// Stacks 2-D tensors of one dtype along their first axis.
+/// Stacks 2-D tensors along their first axis. Parts loaded in different dtypes (possible with
+/// `native`, when a file stores q, k and v differently) are first brought to the most precise
+/// of them: f32 if any part is a float type, else Q8_0 (re-quantizing a Q4 block to Q8_0 moves
+/// each value by at most half a Q8 step).
 fn concat_rows(parts: Vec<HostTensor>) -> Result<HostTensor> {
     let cols = parts[0].shape[1];
     let rows = parts.iter().map(|t| t.shape[0]).sum();
+    let first = parts[0].dtype();
+    let parts = if parts.iter().all(|t| t.dtype() == first) {
+        parts
+    } else {
+        let common = if parts.iter().any(|t| t.dtype().quant_type().is_none()) {
+            DType::F32
+        } else {
+            DType::Q8_0
+        };
+        parts.into_iter().map(|t| t.to_dtype(common)).collect::<Result<Vec<_>>>()?
+    };
+    let shape = vec![rows, cols];
     let data = match parts[0].dtype() {
         DType::F32 => TensorData::F32(parts.iter().flat_map(|t| t.to_f32_vec()).collect()),
         DType::F16 => TensorData::F16(parts.into_iter().flat_map(|t| match t.data { TensorData::F16(v) => v, _ => unreachable!("one dtype") }).collect()),
         DType::BF16 => TensorData::BF16(parts.into_iter().flat_map(|t| match t.data { TensorData::BF16(v) => v, _ => unreachable!("one dtype") }).collect()),
+        _ => {
+            let ty = parts[0].dtype().quant_type().expect("a quantized dtype");
+            let bytes = parts.into_iter().flat_map(|t| match t.data { TensorData::Quantized { bytes, .. } => bytes, _ => unreachable!("one dtype") }).collect();
+            return HostTensor::quantized(shape, ty, bytes);
+        }
     };
-    Ok(HostTensor { shape: vec![rows, cols], data })
+    Ok(HostTensor { shape, data })
 }
 
 fn concat_vectors(parts: Vec<HostTensor>) -> Vec<f32> {

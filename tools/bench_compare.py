@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
-"""engram next to llama.cpp on the same weights, measured in one run with the two interleaved.
+"""engram next to llama.cpp on the same GGUF files, measured in one run with the two interleaved.
 
-Each round runs `engram bench` (one repeat per dtype) and `tools/bench_llamacpp.py` (one repeat
-per GGUF file) back to back, alternating which goes first, so drifting load on a shared machine
-hits both alike. The figure is the median over rounds; the ratio is engram / llama.cpp.
+Each round runs, for every file, `engram bench --dtypes native` (engram computes on the file's
+own types: Q4_1/Q8_0/Q4_0 blocks, f16, f32) and `tools/bench_llamacpp.py` on the same file, back
+to back, alternating which engine goes first, so drifting load on a shared machine hits both
+alike. The figure is the median over rounds; the ratio is engram / llama.cpp, taken round by round.
 
-Pairs compared (same values in memory):
-  engram f32  (Q4_1 GGUF dequantized exactly to f32)  vs  llama.cpp F32 GGUF (same dequantization)
-  engram f16  (dequantized, rounded to f16)            vs  llama.cpp F16 GGUF
-  engram bf16 (dequantized, rounded to bf16)           vs  llama.cpp F16 GGUF (nearest 16-bit peer)
+Files: models/SmolLM2-135M-Instruct.<TYPE>.gguf. The Q4_1 file is the shipped model; the others
+are made from it with `engram quantize` when missing (both engines then read the same bytes).
 
-Requirements: the release binary (`cargo build --release`), llama-cpp-python in the Python that
-runs this script, and the F32/F16 GGUFs (`python tools/bench_llamacpp.py --make-types f32,f16`).
+Requirements: the release binary (`cargo build --release`) and llama-cpp-python in the Python
+that runs this script (`pip install llama-cpp-python` builds llama.cpp from source).
 
-Usage: python tools/bench_compare.py [--threads 2] [--rounds 5] [--json FILE] [--markdown FILE]
+Usage: python tools/bench_compare.py [--types q4_1,q8_0,f16,f32] [--threads 2] [--rounds 5]
+                                     [--json FILE] [--markdown FILE]
 """
 from __future__ import annotations
 
@@ -30,36 +30,41 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 BASE = "SmolLM2-135M-Instruct"
-PAIRS = [("f32", "F32"), ("f16", "F16"), ("bf16", "F16")]
 
 
-def run_engram(binary: Path, threads: int, n_prompt: int, n_gen: int) -> dict:
+def model_file(ty: str) -> Path:
+    return MODELS / f"{BASE}.{ty.upper()}.gguf"
+
+
+def ensure_file(binary: Path, ty: str) -> Path:
+    path = model_file(ty)
+    if not path.exists():
+        subprocess.run([str(binary), "quantize", str(model_file("q4_1")), str(path), "--type", ty], check=True)
+    return path
+
+
+def run_engram(binary: Path, ty: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run(
-            [str(binary), "bench", "-m", str(MODELS / f"{BASE}.Q4_1.gguf"), "--dtypes", "f32,f16,bf16",
+            [str(binary), "bench", "-m", str(model_file(ty)), "--dtypes", "native", "--device", "cpu",
              "--threads", str(threads), "--repeats", "1", "-p", str(n_prompt), "-n", str(n_gen), "--json", out.name],
-            check=True, stdout=subprocess.DEVNULL)
-        report = json.load(open(out.name))
-    figures = {}
-    for r in report["results"]:
-        figures[r["dtype"]] = {"pp": r["prefill_tokens_per_second"]["median"], "tg": r["decode_tokens_per_second"]["median"],
-                               "floor": r["decode_floor_tokens_per_second"]}
-    figures["bandwidth_gbs"] = report["memory_bandwidth_bytes_per_second"] / 1e9
-    return figures
-
-
-def run_llamacpp(threads: int, n_prompt: int, n_gen: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        files = [str(MODELS / f"{BASE}.{t}.gguf") for t in ("F32", "F16")]
-        subprocess.run(
-            [sys.executable, str(REPO / "tools/bench_llamacpp.py"), "--threads", str(threads), "--repeats", "1",
-             "--n-prompt", str(n_prompt), "--n-gen", str(n_gen), "--json", out.name, *files],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         report = json.load(open(out.name))
-    figures = {r["label"]: {"pp": r[f"pp{n_prompt}"]["tokens_per_s_median"], "tg": r[f"tg{n_gen}"]["tokens_per_s_median"]}
-               for r in report["results"]}
-    figures["version"] = report["llama_cpp"]
-    return figures
+    r = report["results"][0]
+    return {"pp": r["prefill_tokens_per_second"]["median"], "tg": r["decode_tokens_per_second"]["median"],
+            "floor": r["decode_floor_tokens_per_second"], "bandwidth_gbs": report["memory_bandwidth_bytes_per_second"] / 1e9}
+
+
+def run_llamacpp(ty: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run(
+            [sys.executable, str(REPO / "tools/bench_llamacpp.py"), "--threads", str(threads), "--repeats", "1",
+             "--n-prompt", str(n_prompt), "--n-gen", str(n_gen), "--json", out.name, str(model_file(ty))],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        report = json.load(open(out.name))
+    r = report["results"][0]
+    return {"pp": r[f"pp{n_prompt}"]["tokens_per_s_median"], "tg": r[f"tg{n_gen}"]["tokens_per_s_median"],
+            "version": report["llama_cpp"]}
 
 
 def main() -> int:
@@ -71,43 +76,51 @@ def main() -> int:
     ap.add_argument("--engram", type=Path, default=REPO / "target/release/engram")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--types", default="q4_1,q8_0,f16,f32", help="comma-separated file types to compare")
     args = ap.parse_args()
-    for needed in [args.engram] + [MODELS / f"{BASE}.{t}.gguf" for t in ("Q4_1", "F32", "F16")]:
+    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    for needed in [args.engram, model_file("q4_1")]:
         if not needed.exists():
             sys.exit(f"missing {needed} (see this script's docstring)")
+    for ty in types:
+        ensure_file(args.engram, ty)
 
-    engram_rounds, llama_rounds, loads = [], [], []
+    engram_rounds = {ty: [] for ty in types}
+    llama_rounds = {ty: [] for ty in types}
+    loads = []
     for r in range(args.rounds):
-        order = [("engram", run_engram), ("llama", run_llamacpp)]
-        if r % 2:
-            order.reverse()
-        for name, fn in order:
-            result = fn(args.engram, args.threads, args.n_prompt, args.n_gen) if name == "engram" else fn(args.threads, args.n_prompt, args.n_gen)
-            (engram_rounds if name == "engram" else llama_rounds).append(result)
+        for ty in types:
+            order = ["engram", "llama"] if r % 2 == 0 else ["llama", "engram"]
+            for name in order:
+                if name == "engram":
+                    engram_rounds[ty].append(run_engram(args.engram, ty, args.threads, args.n_prompt, args.n_gen))
+                else:
+                    llama_rounds[ty].append(run_llamacpp(ty, args.threads, args.n_prompt, args.n_gen))
         loads.append(os.getloadavg()[0])
         print(f"round {r + 1}/{args.rounds} done (load {loads[-1]:.2f})", file=sys.stderr)
 
     med = lambda xs: statistics.median(xs)
     rows = []
-    for ours, theirs in PAIRS:
-        row = {"engram_dtype": ours, "llama_cpp_file": f"{BASE}.{theirs}.gguf"}
+    for ty in types:
+        row = {"file": model_file(ty).name, "type": ty}
         for phase in ("pp", "tg"):
-            e = [x[ours][phase] for x in engram_rounds]
-            l = [x[theirs][phase] for x in llama_rounds]
+            e = [x[phase] for x in engram_rounds[ty]]
+            l = [x[phase] for x in llama_rounds[ty]]
             ratios = [a / b for a, b in zip(e, l)]
             row[phase] = {"engram": med(e), "llama_cpp": med(l), "ratio_median": med(ratios),
                           "ratio_min": min(ratios), "ratio_max": max(ratios), "engram_all": e, "llama_cpp_all": l}
-        row["decode_floor"] = med([x[ours]["floor"] for x in engram_rounds])
+        row["decode_floor"] = med([x["floor"] for x in engram_rounds[ty]])
         rows.append(row)
-    bandwidth = med([x["bandwidth_gbs"] for x in engram_rounds])
+    all_rounds = [x for rounds in engram_rounds.values() for x in rounds]
+    bandwidth = med([x["bandwidth_gbs"] for x in all_rounds])
 
-    lines = [f"| engram dtype | llama.cpp file | pp{args.n_prompt} engram | pp llama.cpp | ratio | tg{args.n_gen} engram | tg llama.cpp | ratio | decode floor | engram of floor |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| file (both engines) | pp{args.n_prompt} engram | pp llama.cpp | ratio | tg{args.n_gen} engram | tg llama.cpp | ratio | decode floor | engram of floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         pp, tg = row["pp"], row["tg"]
-        lines.append(f"| {row['engram_dtype']} | {theirs_label(row)} | {pp['engram']:.1f} | {pp['llama_cpp']:.1f} | {pp['ratio_median']:.2f} "
+        lines.append(f"| {row['type'].upper()} | {pp['engram']:.1f} | {pp['llama_cpp']:.1f} | {pp['ratio_median']:.2f} "
                      f"| {tg['engram']:.1f} | {tg['llama_cpp']:.1f} | {tg['ratio_median']:.2f} | {row['decode_floor']:.1f} | {100 * tg['engram'] / row['decode_floor']:.0f}% |")
-    version = llama_rounds[0]["version"]
+    version = llama_rounds[types[0]][0]["version"]
     footer = (f"\n{args.rounds} rounds interleaved, medians; threads={args.threads}; streaming-read bandwidth {bandwidth:.1f} GB/s "
               f"(measured by engram bench in each round); llama-cpp-python {version.get('llama_cpp_python')} "
               f"ggml {version.get('ggml_version')}; load average {min(loads):.2f}..{max(loads):.2f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
@@ -119,10 +132,6 @@ def main() -> int:
         args.json.write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "bandwidth_gbs": bandwidth,
                                          "loadavg": loads, "llama_cpp": version, "pairs": rows}, indent=1))
     return 0
-
-
-def theirs_label(row: dict) -> str:
-    return row["llama_cpp_file"].replace(f"{BASE}.", "")
 
 
 if __name__ == "__main__":

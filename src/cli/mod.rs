@@ -11,6 +11,7 @@ mod memory;
 mod memory_analyze;
 mod memory_apply;
 mod prompts;
+mod quantize;
 mod steering;
 mod vectors;
 
@@ -42,6 +43,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Convert a GGUF file into a Hugging Face model directory.
     Convert(convert::ConvertArgs),
+    /// Re-encode a GGUF file's weight matrices as q8_0, q4_0 or q4_1 (or f16/bf16/f32).
+    Quantize(quantize::QuantizeArgs),
     /// Print a model's architecture, sizes, dtypes, tokenizer and template facts.
     Info(info::InfoArgs),
     /// Measure prefill and decode speed (median over interleaved repeats).
@@ -62,7 +65,9 @@ pub struct ModelArgs {
     /// A Hugging Face model directory or a .gguf file.
     #[arg(short, long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Weight dtype in memory (GGUF quantized weights are dequantized to it).
+    /// Weights in memory: f32, f16, bf16 (GGUF blocks decoded exactly, then rounded), q8_0, q4_0,
+    /// q4_1 (computed on as blocks; a file's blocks of that type are used as they are), or native
+    /// (each tensor in its file's type when engram computes on it, else f32).
     #[arg(long, default_value = "f32")]
     pub dtype: DType,
     /// CPU threads (0 = one per core).
@@ -159,6 +164,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(args) => logits::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Info(args) => info::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Bench(args) => bench::run(args),
         Command::MakeRandom(args) => make_random::run(args),
         Command::Vectors(args) => vectors::run(args),

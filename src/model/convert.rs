@@ -35,6 +35,7 @@ impl View for LazyTensor<'_> {
             DType::F32 => StDtype::F32,
             DType::F16 => StDtype::F16,
             DType::BF16 => StDtype::BF16,
+            other => unreachable!("convert_gguf_to_hf refuses {other} before writing"),
         }
     }
 
@@ -60,7 +61,7 @@ impl View for LazyTensor<'_> {
     }
 
     fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes().expect("a float dtype, checked on entry")
     }
 }
 
@@ -76,6 +77,11 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// tied embeddings produce no `lm_head.weight`. Fails with [`Error::Unsupported`] for GGUF files
 /// whose RoPE scaling is stored as a `rope_freqs` tensor (no config.json equivalent yet).
 pub fn convert_gguf_to_hf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<()> {
+    if dtype.size_in_bytes().is_none() {
+        return Err(Error::InvalidInput(format!(
+            "a Hugging Face directory holds f32, f16 or bf16 weights, not {dtype} (use `engram quantize` for GGUF files)"
+        )));
+    }
     let file = Arc::new(GgufFile::open(gguf_path)?);
     let source = GgufModelSource::from_file(Arc::clone(&file))?;
     let config = source.config().clone();
@@ -112,7 +118,7 @@ pub fn convert_gguf_to_hf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Res
     config_json["torch_dtype"] = serde_json::json!(match dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
+        _ => "bfloat16",
     });
     write_json(&out_dir.join("config.json"), &config_json)?;
     write_json(&out_dir.join("tokenizer.json"), &tokenizer_json)?;
@@ -193,6 +199,7 @@ mod tests {
                         DType::F32 => values.clone(),
                         DType::BF16 => values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
                         DType::F16 => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+                        other => unreachable!("not converted to {other}"),
                     };
                     assert_eq!(got_dtype.to_string().to_lowercase(), dtype.name(), "{name}");
                     assert_eq!(got, want, "{arch} {dtype} {name}");

@@ -309,9 +309,22 @@ impl TensorSource for GgufModelSource {
         Ok(self.file.tensor_info(gguf).map(|t| t.ggml_type.name().to_string()).unwrap_or_default())
     }
 
+    /// Quantized requests (`q8_0`, `q4_0`, `q4_1`, or `native` for a tensor stored in one of
+    /// those) of a tensor stored in exactly that type take its blocks as they are: no
+    /// dequantization. Anything else is decoded to f32 and converted.
     fn load(&self, name: &str, dtype: DType) -> Result<HostTensor> {
         let shape = self.shape(name)?;
-        Ok(HostTensor::from_f32(shape, self.load_f32(name)?)?.to_dtype(dtype))
+        let stored = self.file.tensor_info(self.lookup(name)?).map(|t| t.ggml_type);
+        let stored_dtype = stored.and_then(DType::of_ggml);
+        let keep_blocks = stored_dtype.is_some_and(|s| s.quant_type().is_some() && (dtype == s || dtype == DType::Native));
+        let in_file = |e: Error| Error::format(self.file.path(), format!("tensor '{name}': {e}"));
+        if keep_blocks {
+            let raw = self.load_raw(name)?;
+            return HostTensor::quantized(shape, raw.ggml_type, raw.data.into_owned()).map_err(in_file);
+        }
+        // `native` of a type engram does not compute on (e.g. Q4_K) falls back to f32.
+        let target = if dtype == DType::Native { stored_dtype.unwrap_or(DType::F32) } else { dtype };
+        HostTensor::from_f32(shape, self.load_f32(name)?)?.to_dtype(target).map_err(in_file)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod gguf_model;
 pub mod gguf_tokenizer;
 pub mod quant;
+pub mod quantize;
 pub mod random;
 pub mod safetensors;
 pub mod tokenizer;

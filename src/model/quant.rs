@@ -362,10 +362,76 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     })
 }
 
+/// Index of the first element whose block has a non-finite scale or minimum (for Q8_0, Q4_0,
+/// Q4_1 blocks; `None` for other types, whose values are checked after dequantization).
+pub fn first_non_finite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
+    let (block_bytes, halves) = match ty {
+        GgmlType::Q8_0 => (BLOCK_Q8_0_BYTES, 1),
+        GgmlType::Q4_0 => (BLOCK_Q4_0_BYTES, 1),
+        GgmlType::Q4_1 => (BLOCK_Q4_1_BYTES, 2),
+        _ => return None,
+    };
+    bytes
+        .chunks_exact(block_bytes)
+        .position(|b| (0..halves).any(|h| !f16_at(b, 2 * h).is_finite()))
+        .map(|block| block * QK)
+}
+
+/// Decodes whole Q8_0/Q4_0/Q4_1 blocks into `out` (one value per element, `out.len()` a whole
+/// number of blocks) without allocating; the same arithmetic as [`dequantize`].
+pub fn dequantize_blocks_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::Q8_0 => {
+            for (b, o) in bytes.chunks_exact(BLOCK_Q8_0_BYTES).zip(out.chunks_exact_mut(QK)) {
+                let d = f16_at(b, 0);
+                for (v, &q) in o.iter_mut().zip(&b[2..]) {
+                    *v = (q as i8) as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (b, o) in bytes.chunks_exact(BLOCK_Q4_0_BYTES).zip(out.chunks_exact_mut(QK)) {
+                let d = f16_at(b, 0);
+                let (lo, hi) = o.split_at_mut(QK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[2..]) {
+                    *l = ((q & 0x0F) as i32 - 8) as f32 * d;
+                    *h = ((q >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (b, o) in bytes.chunks_exact(BLOCK_Q4_1_BYTES).zip(out.chunks_exact_mut(QK)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let (lo, hi) = o.split_at_mut(QK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[4..]) {
+                    *l = (q & 0x0F) as f32 * d + m;
+                    *h = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
+        other => panic!("dequantize_blocks_into: {other} is not a 32-element block type"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn block_dequantizer_matches_the_allocating_one() {
+        let values = random_values(5 * QK, 3);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let bytes = quantize(ty, &values).unwrap();
+            let mut out = vec![f32::NAN; values.len()];
+            dequantize_blocks_into(ty, &bytes, &mut out);
+            assert_eq!(out, dequantize(ty, &bytes, values.len()).unwrap(), "{ty}");
+            assert_eq!(first_non_finite(ty, &bytes), None);
+        }
+        let mut bytes = quantize(GgmlType::Q4_1, &values).unwrap();
+        bytes[2 * BLOCK_Q4_1_BYTES + 2..2 * BLOCK_Q4_1_BYTES + 4].copy_from_slice(&f16::NAN.to_bits().to_le_bytes());
+        assert_eq!(first_non_finite(GgmlType::Q4_1, &bytes), Some(2 * QK));
+    }
 
     fn random_values(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

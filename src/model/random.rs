@@ -141,11 +141,16 @@ pub fn write_random_model(dir: &Path, config: &ModelConfig, dtype: DType, seed: 
     if config.vocab_size < vocab_needed {
         return Err(Error::InvalidInput(format!("a random model needs a vocabulary of at least {vocab_needed}")));
     }
+    if dtype.size_in_bytes().is_none() {
+        return Err(Error::InvalidInput(format!(
+            "random models are written as safetensors, which hold f32, f16 or bf16 weights, not {dtype}"
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tensors: Vec<(String, HostTensor)> = random_tensors(config, seed).into_iter().map(|(n, t)| {
-        let is_matrix = t.shape.len() == 2;
-        (n, if is_matrix { t.to_dtype(dtype) } else { t })
-    }).collect();
+    let tensors = random_tensors(config, seed)
+        .into_iter()
+        .map(|(n, t)| if t.shape.len() == 2 { t.to_dtype(dtype).map(|t| (n, t)) } else { Ok((n, t)) })
+        .collect::<Result<Vec<(String, HostTensor)>>>()?;
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
     super::safetensors::write_safetensors(&dir.join("model.safetensors"), &tensors, Some(metadata))?;

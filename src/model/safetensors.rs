@@ -141,7 +141,9 @@ impl TensorSource for SafetensorsSource {
                 return Err(Error::Unsupported(format!("{}: tensor '{name}' has dtype {other:?} (engram reads F32, F16, BF16)", shard.path.display())));
             }
         };
-        Ok(HostTensor { shape: info.shape.clone(), data }.to_dtype(dtype))
+        HostTensor { shape: info.shape.clone(), data }
+            .to_dtype(dtype)
+            .map_err(|e| Error::format(&shard.path, format!("tensor '{name}' as {dtype}: {e}")))
     }
 }
 
@@ -155,6 +157,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)], metadata
                 DType::F32 => Dtype::F32,
                 DType::F16 => Dtype::F16,
                 DType::BF16 => Dtype::BF16,
+                other => return Err(Error::Unsupported(format!("tensor '{name}': safetensors cannot hold {other} blocks"))),
             };
             TensorView::new(dtype, t.shape.clone(), t.as_bytes())
                 .map(|v| (name.clone(), v))

@@ -29,7 +29,7 @@ impl Reference {
         let mut tensors = HashMap::new();
         for name in files.source.tensor_names() {
             let t = files.source.load(&name, DType::F32).unwrap();
-            let t = if t.shape.len() == 2 { t.to_dtype(dtype) } else { t };
+            let t = if t.shape.len() == 2 { t.to_dtype(dtype).unwrap() } else { t };
             tensors.insert(name, t.to_f32_vec().into_iter().map(|v| v as f64).collect());
         }
         Reference { config: files.config, tensors }

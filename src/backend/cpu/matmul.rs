@@ -1,12 +1,16 @@
 //! Weight matrices on the CPU and the product `x · Wᵀ`: GEMV for few rows, gemm for many.
 //!
 //! Decode (1..=GEMV_MAX_ROWS rows) is memory-bound: each thread streams disjoint weight rows
-//! once and dots them with every input row. Prefill is compute-bound: the `gemm` crate's packed,
-//! register-blocked f32 kernels, with 16-bit weights widened chunk by chunk into scratch.
+//! once and dots them with every input row; block-quantized rows meet the input quantized to
+//! 8 bits once per product (see `quant`). Prefill is compute-bound: the `gemm` crate's packed,
+//! register-blocked f32 kernels, with 16-bit and quantized weights widened chunk by chunk into
+//! scratch.
 
 use rayon::prelude::*;
 
+use super::quant::{self, BlockFormat, Q8Activations, QuantKernel};
 use super::simd::{self, SimdLevel};
+use crate::model::quant::QK;
 
 /// Row counts up to this go through the weight-streaming GEMV path.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -17,6 +21,8 @@ pub enum WeightData {
     F32(Vec<f32>),
     BF16(Vec<u16>),
     F16(Vec<u16>),
+    /// GGUF blocks, each row `cols / 32` whole blocks.
+    Quantized { format: BlockFormat, bytes: Vec<u8> },
 }
 
 /// A `[rows, cols]` = `[out_features, in_features]` weight matrix.
@@ -35,7 +41,15 @@ impl CpuMatrix {
             WeightData::F32(w) => out.copy_from_slice(&w[range]),
             WeightData::BF16(w) => simd::bf16_to_f32(&w[range], out),
             WeightData::F16(w) => simd::f16_to_f32(&w[range], out),
+            WeightData::Quantized { format, bytes } => {
+                crate::model::quant::dequantize_blocks_into(format.ggml(), &bytes[self.row_bytes_range(*format, r)], out)
+            }
         }
+    }
+
+    fn row_bytes_range(&self, format: BlockFormat, r: usize) -> std::ops::Range<usize> {
+        let row_bytes = self.cols / QK * format.block_bytes();
+        r * row_bytes..(r + 1) * row_bytes
     }
 
     fn dot_row(&self, level: SimdLevel, r: usize, x: &[f32]) -> f32 {
@@ -44,6 +58,7 @@ impl CpuMatrix {
             WeightData::F32(w) => simd::dot_f32(level, &w[range], x),
             WeightData::BF16(w) => simd::dot_bf16(level, &w[range], x),
             WeightData::F16(w) => simd::dot_f16(level, &w[range], x),
+            WeightData::Quantized { .. } => unreachable!("quantized rows go through quantized_gemv"),
         }
     }
 
@@ -51,6 +66,7 @@ impl CpuMatrix {
         match &self.data {
             WeightData::F32(w) => w.len() * 4,
             WeightData::BF16(w) | WeightData::F16(w) => w.len() * 2,
+            WeightData::Quantized { bytes, .. } => bytes.len(),
         }
     }
 }
@@ -73,18 +89,35 @@ fn chunk_len(n: usize, threads: usize) -> usize {
 }
 
 fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
-    let (n, k) = (w.rows, w.cols);
+    let k = w.cols;
+    match &w.data {
+        WeightData::Quantized { format, bytes } => {
+            // The input rows are quantized once; every weight row then meets them as integers.
+            let kernel = QuantKernel::for_level(level);
+            let activations = Q8Activations::quantize(x, rows, k);
+            let row_bytes = k / QK * format.block_bytes();
+            gemv_by_rows(threads, rows, w.rows, out, |j, r| {
+                quant::dot(kernel, *format, &bytes[j * row_bytes..(j + 1) * row_bytes], activations.row(r))
+            });
+        }
+        _ => gemv_by_rows(threads, rows, w.rows, out, |j, r| w.dot_row(level, j, &x[r * k..(r + 1) * k])),
+    }
+}
+
+/// `out[r, j] = dot(j, r)` for `rows` input rows and `n` outputs, split over threads by output
+/// so that each task streams disjoint weight rows once.
+fn gemv_by_rows(threads: usize, rows: usize, n: usize, out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
     let chunk = chunk_len(n, threads);
     if rows == 1 {
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, out_chunk)| {
             for (i, o) in out_chunk.iter_mut().enumerate() {
-                *o = w.dot_row(level, c * chunk + i, x);
+                *o = dot(c * chunk + i, 0);
             }
         });
         return;
     }
-    // Several rows: each task streams its weight rows once (they stay in L1 across the inputs)
-    // and returns a column block, copied into place afterwards.
+    // Several rows: each task dots its weight rows with every input (they stay in L1 across the
+    // inputs) and returns a column block, copied into place afterwards.
     let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
         .into_par_iter()
         .map(|c| {
@@ -93,7 +126,7 @@ fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix,
             let mut block = vec![0.0f32; rows * (end - start)];
             for j in start..end {
                 for r in 0..rows {
-                    block[r * (end - start) + (j - start)] = w.dot_row(level, j, &x[r * k..(r + 1) * k]);
+                    block[r * (end - start) + (j - start)] = dot(j, r);
                 }
             }
             (start, block)
@@ -114,7 +147,7 @@ fn gemm_any(threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f3
     let (n, k) = (w.rows, w.cols);
     match &w.data {
         WeightData::F32(data) => gemm_f32(threads, x, rows, k, data, n, out, n, 0),
-        WeightData::BF16(_) | WeightData::F16(_) => {
+        WeightData::BF16(_) | WeightData::F16(_) | WeightData::Quantized { .. } => {
             let chunk_rows = (WIDEN_CHUNK_ELEMENTS / k).clamp(1, n);
             let mut scratch = vec![0.0f32; chunk_rows * k];
             let mut start = 0;

@@ -1,8 +1,9 @@
-//! The CPU backend: f32 activations, f32/bf16/f16 weights, AVX-512/AVX2/scalar chosen at run
-//! time, and a rayon pool of its own (no global pool).
+//! The CPU backend: f32 activations, f32/bf16/f16 or Q8_0/Q4_0/Q4_1 block-quantized weights,
+//! AVX-512/AVX2/scalar chosen at run time, and a rayon pool of its own (no global pool).
 
 pub mod attention;
 pub mod matmul;
+pub mod quant;
 pub mod simd;
 
 use rayon::prelude::*;
@@ -112,6 +113,12 @@ impl Backend for CpuBackend {
             TensorData::F32(v) => WeightData::F32(v.clone()),
             TensorData::BF16(v) => WeightData::BF16(bytemuck::cast_slice(v).to_vec()),
             TensorData::F16(v) => WeightData::F16(bytemuck::cast_slice(v).to_vec()),
+            TensorData::Quantized { ty, bytes } => {
+                let format = quant::BlockFormat::from_ggml(*ty)
+                    .ok_or_else(|| Error::Unsupported(format!("{ty} weight matrices on the CPU")))?;
+                // HostTensor::quantized checked that rows are whole blocks and the byte count.
+                WeightData::Quantized { format, bytes: bytes.clone() }
+            }
         };
         Ok(CpuMatrix { rows, cols, data })
     }

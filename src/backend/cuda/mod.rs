@@ -416,6 +416,10 @@ impl Backend for CudaBackend {
             TensorData::F32(v) => (WeightFormat::Bf16, v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
             TensorData::BF16(v) => (WeightFormat::Bf16, bytemuck::cast_slice(v).to_vec()),
             TensorData::F16(v) => (WeightFormat::F16, bytemuck::cast_slice(v).to_vec()),
+            // No quantized kernels on the GPU yet: blocks are decoded exactly and rounded to bf16.
+            TensorData::Quantized { .. } => {
+                (WeightFormat::Bf16, tensor.to_f32_vec().iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect())
+            }
         };
         let data = self.stream.clone_htod(&bits).map_err(|e| device_error("uploading weights", e))?;
         Ok(CudaMatrix { rows, cols, format, data })

@@ -1,0 +1,186 @@
+//! `engram quantize`: re-encodes a GGUF model's weight matrices as Q8_0, Q4_0 or Q4_1 blocks,
+//! keeping its metadata, tokenizer and every other tensor as they are.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use super::gguf::{write_gguf, GgufFile, GgufTensorToWrite, GgufValue};
+use super::quant::{self, GgmlType};
+use crate::error::{Error, Result};
+
+/// llama.cpp's `general.file_type` value (`llama_ftype`) for a file whose matrices are `ty`.
+fn llama_file_type(ty: GgmlType) -> Option<u32> {
+    match ty {
+        GgmlType::F32 => Some(0),
+        GgmlType::F16 => Some(1),
+        GgmlType::Q4_0 => Some(2),
+        GgmlType::Q4_1 => Some(3),
+        GgmlType::Q8_0 => Some(7),
+        GgmlType::BF16 => Some(32),
+        _ => None,
+    }
+}
+
+/// What `quantize_gguf` did, tensor by tensor.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizeSummary {
+    /// (GGUF name, type in, type out) of every tensor re-encoded.
+    pub converted: Vec<(String, GgmlType, GgmlType)>,
+    /// GGUF names copied unchanged (vectors, and matrices whose rows are not whole blocks).
+    pub kept: Vec<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Whether a GGUF tensor is the token embedding or the output projection (which llama.cpp keeps
+/// at higher precision: errors there reach every logit directly).
+fn is_embedding_or_output(name: &str) -> bool {
+    name == "token_embd.weight" || name == "output.weight"
+}
+
+/// Writes `output`: `input` with every 2-D tensor whose rows are whole blocks of 32 stored as
+/// `matrix_type`, except the token embedding and output projection, stored as `embedding_type`.
+/// Values are decoded to f32 and quantized with ggml's reference rounding; a tensor already in
+/// the target type is copied as it is (no second rounding).
+pub fn quantize_gguf(input: &Path, output: &Path, matrix_type: GgmlType, embedding_type: GgmlType, mut progress: impl FnMut(usize, usize)) -> Result<QuantizeSummary> {
+    for ty in [matrix_type, embedding_type] {
+        if !matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::F16 | GgmlType::BF16 | GgmlType::F32) {
+            return Err(Error::Unsupported(format!("quantizing to {ty} (engram writes q8_0, q4_0, q4_1, f16, bf16 and f32)")));
+        }
+    }
+    if input == output {
+        return Err(Error::InvalidInput(format!("{}: the output would overwrite the input", output.display())));
+    }
+    let file = GgufFile::open(input)?;
+    let mut summary = QuantizeSummary::default();
+    let mut tensors = Vec::with_capacity(file.tensors().len());
+    let total = file.tensors().len();
+    for (i, info) in file.tensors().iter().enumerate() {
+        progress(i, total);
+        let shape = info.shape();
+        let data = file.tensor_data(&info.name)?;
+        summary.bytes_in += data.len() as u64;
+        let target = if is_embedding_or_output(&info.name) { embedding_type } else { matrix_type };
+        let row = shape.last().copied().unwrap_or(0);
+        let convertible = shape.len() == 2 && row.is_multiple_of(quant::QK) && info.ggml_type != target;
+        let tensor = if convertible {
+            let values = file.dequantize_to_f32(&info.name)?;
+            if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::format(input, format!("tensor '{}': non-finite value at element {at}", info.name)));
+            }
+            summary.converted.push((info.name.clone(), info.ggml_type, target));
+            GgufTensorToWrite::from_f32(info.name.clone(), shape, target, &values).map_err(|e| Error::format(input, e.to_string()))?
+        } else {
+            summary.kept.push(info.name.clone());
+            GgufTensorToWrite { name: info.name.clone(), shape, ggml_type: info.ggml_type, data: Cow::Borrowed(data) }
+        };
+        summary.bytes_out += tensor.data.len() as u64;
+        tensors.push(tensor);
+    }
+    progress(total, total);
+    let mut metadata: Vec<(String, GgufValue)> = file.metadata().to_vec();
+    if let Some(ftype) = llama_file_type(matrix_type) {
+        match metadata.iter_mut().find(|(k, _)| k == "general.file_type") {
+            Some((_, v)) => *v = GgufValue::U32(ftype),
+            None => metadata.push(("general.file_type".to_string(), GgufValue::U32(ftype))),
+        }
+    }
+    write_gguf(output, &metadata, &tensors)?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf_model::testing::tiny_model;
+
+    #[test]
+    fn matrices_are_requantized_and_everything_else_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (metadata, tensors, _) = tiny_model("llama", false, false);
+        let input = dir.path().join("in.gguf");
+        write_gguf(&input, &metadata, &tensors).unwrap();
+        let output = dir.path().join("out.gguf");
+        let summary = quantize_gguf(&input, &output, GgmlType::Q4_0, GgmlType::Q8_0, |_, _| {}).unwrap();
+        let before = GgufFile::open(&input).unwrap();
+        let after = GgufFile::open(&output).unwrap();
+        assert_eq!(before.tensors().len(), after.tensors().len());
+        assert!(!summary.converted.is_empty());
+        for info in after.tensors() {
+            let original = before.tensor_info(&info.name).unwrap();
+            assert_eq!(info.shape(), original.shape(), "{}", info.name);
+            let want_type = if summary.kept.contains(&info.name) {
+                original.ggml_type
+            } else if is_embedding_or_output(&info.name) {
+                GgmlType::Q8_0
+            } else {
+                GgmlType::Q4_0
+            };
+            assert_eq!(info.ggml_type, want_type, "{}", info.name);
+            // Values move by at most about one quantization step of their block.
+            let (a, b) = (before.dequantize_to_f32(&info.name).unwrap(), after.dequantize_to_f32(&info.name).unwrap());
+            for (block_a, block_b) in a.chunks(32).zip(b.chunks(32)) {
+                let amax = block_a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                for (x, y) in block_a.iter().zip(block_b) {
+                    assert!((x - y).abs() <= amax / 7.0 + 1e-6, "{}: {x} vs {y}", info.name);
+                }
+            }
+        }
+        assert_eq!(after.get_u32("general.file_type").unwrap(), Some(2));
+        assert_eq!(after.get_str("general.architecture").unwrap(), before.get_str("general.architecture").unwrap());
+    }
+
+    /// The quantized file runs natively (blocks kept in memory) and its logits, on both the
+    /// GEMV (decode) and widened-gemm (prefill) paths, stay close to the same file widened to f32.
+    #[test]
+    fn a_quantized_file_runs_natively_close_to_its_f32_widening() {
+        use crate::backend::cpu::CpuBackend;
+        use crate::session::{LogitRequest, SequenceInput};
+        use crate::model::ModelFiles;
+        use crate::{DType, Model, Session, SessionOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let (metadata, tensors, _) = tiny_model("llama", false, false);
+        let input = dir.path().join("in.gguf");
+        write_gguf(&input, &metadata, &tensors).unwrap();
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let output = dir.path().join(format!("{ty}.gguf"));
+            quantize_gguf(&input, &output, ty, ty, |_, _| {}).unwrap();
+            let load = |dtype| Model::load(CpuBackend::new(2, None).unwrap(), ModelFiles::open(&output).unwrap(), dtype, |_, _| {}).unwrap();
+            let (native, widened) = (load(DType::Native), load(DType::F32));
+            let prompt: Vec<u32> = (0..12).map(|i| 3 + (i * 37) % 250).collect();
+            // Decode: one token per step, every product a GEMV on 8-bit activations.
+            let decode = |model: &Model<CpuBackend>| {
+                let mut session = Session::new(model, SessionOptions::new(1, prompt.len())).unwrap();
+                let mut last = Vec::new();
+                for token in &prompt {
+                    last = session.step(&[SequenceInput { slot: 0, tokens: std::slice::from_ref(token), logits: LogitRequest::Last }]).unwrap().per_input.remove(0);
+                }
+                last
+            };
+            let (got, want) = (decode(&native), decode(&widened));
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            assert!(err < 0.05, "{ty}: decode logits differ by {err} of max |logit|");
+            // Prefill with logits at every position: every product has 12 rows and widens the
+            // blocks exactly, so the logits equal the f32 model's bit for bit.
+            let prefill = |model: &Model<CpuBackend>| {
+                let options = SessionOptions { max_logit_rows: prompt.len(), ..SessionOptions::new(1, prompt.len()) };
+                let mut session = Session::new(model, options).unwrap();
+                session.step(&[SequenceInput { slot: 0, tokens: &prompt, logits: LogitRequest::All }]).unwrap().per_input.remove(0)
+            };
+            assert_eq!(prefill(&native), prefill(&widened), "{ty}: prefill");
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.gguf");
+        let err = quantize_gguf(&missing, &dir.path().join("o.gguf"), GgmlType::Q8_0, GgmlType::Q8_0, |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("missing.gguf"), "{err}");
+        let err = quantize_gguf(&missing, &missing, GgmlType::Q8_0, GgmlType::Q8_0, |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("overwrite"), "{err}");
+        let err = quantize_gguf(&missing, &dir.path().join("o.gguf"), GgmlType::Q4_K, GgmlType::Q8_0, |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("Q4_K"), "{err}");
+    }
+}

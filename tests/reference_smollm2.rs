@@ -157,8 +157,8 @@ fn all_logits(model: &Model<CpuBackend>, ids: &[u32]) -> Vec<f32> {
 
 /// `native` keeps the file's Q4_1/Q8_0 blocks and computes on them directly. Prefill (more than 8
 /// rows per product) widens the blocks exactly, so its logits equal the f32 model's bit for bit. Decode quantizes each
-/// activation row to 8-bit blocks (as llama.cpp does): measured on the six fixture prompts,
-/// 0.9e-2 to 2.9e-2 of max |logit| from transformers on the dequantized weights; the bound is 5e-2,
+/// activation row to 8-bit blocks (as llama.cpp does): measured on the six fixture prompts (CI run
+/// of 2026-11-22), 1.7e-2 to 2.7e-2 of max |logit| from transformers on the dequantized weights; the bound is 5e-2,
 /// and greedy tokens must agree wherever the reference margin exceeds 1.0.
 #[test]
 fn native_quantized_logits_stay_within_the_stated_bound() {

@@ -212,7 +212,8 @@ pub fn blocks_from_bytes<B: Pod>(bytes: &[u8]) -> Result<Cow<'_, [B]>> {
     }
 }
 
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
+/// The little-endian f16 at byte `at`, widened to f32.
+pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
 
@@ -243,28 +244,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
         GgmlType::BF16 => {
             out.extend(bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
         }
-        GgmlType::Q8_0 => {
-            for b in bytes.chunks_exact(BLOCK_Q8_0_BYTES) {
-                let d = f16_at(b, 0);
-                out.extend(b[2..].iter().map(|&q| (q as i8) as f32 * d));
-            }
-        }
-        GgmlType::Q4_0 => {
-            for b in bytes.chunks_exact(BLOCK_Q4_0_BYTES) {
-                let d = f16_at(b, 0);
-                let qs = &b[2..];
-                out.extend(qs.iter().map(|&q| ((q & 0x0F) as i32 - 8) as f32 * d));
-                out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
-            }
-        }
-        GgmlType::Q4_1 => {
-            for b in bytes.chunks_exact(BLOCK_Q4_1_BYTES) {
-                let d = f16_at(b, 0);
-                let m = f16_at(b, 2);
-                let qs = &b[4..];
-                out.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + m));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
-            }
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            out.resize(n_elements, 0.0);
+            dequantize_blocks_into(ty, bytes, &mut out);
         }
         _ => unreachable!("can_dequantize() checked above"),
     }

@@ -12,9 +12,7 @@
 //! The integer sums are exact; the only rounding beyond f32 accumulation is the activation's own
 //! quantization (relative error about 1/254 of the block's largest value).
 
-use half::f16;
-
-use crate::model::quant::{GgmlType, BLOCK_Q4_0_BYTES, BLOCK_Q4_1_BYTES, BLOCK_Q8_0_BYTES, QK};
+use crate::model::quant::{f16_at, GgmlType, BLOCK_Q4_0_BYTES, BLOCK_Q4_1_BYTES, BLOCK_Q8_0_BYTES, QK};
 
 use super::simd::SimdLevel;
 
@@ -157,10 +155,6 @@ pub struct Q8Row<'a> {
     pub qs: &'a [i8],
     pub scales: &'a [f32],
     pub scaled_sums: &'a [f32],
-}
-
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
 
 /// Σ w_i x_i for one weight row (`weights` holds exactly the row's blocks) and one activation row.
@@ -334,6 +328,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::model::quant::quantize;
+    use half::f16;
     use rand::{Rng, SeedableRng};
 
     fn random(n: usize, seed: u64) -> Vec<f32> {

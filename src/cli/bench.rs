@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// Decode steps for the decode measurement (0 skips it).
     #[arg(short = 'n', long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Tokens already in each sequence's context when the decode measurement starts (prefilled
+    /// untimed), to measure decode at long contexts.
+    #[arg(long, default_value_t = 0)]
+    context: usize,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -85,7 +89,11 @@ impl std::str::FromStr for Condition {
                 "clamp" => (c.steer, c.mode) = (true, Some(SteeringMode::Clamp { target: 1.0 })),
                 "capture" => c.capture = true,
                 "readout" => c.readout = true,
-                other => return Err(format!("unknown condition feature '{other}' (expected none or steer, per-seq, relative, clamp, capture, readout joined by +)")),
+                other => {
+                    return Err(format!(
+                        "unknown condition feature '{other}' (expected none or steer, per-seq, relative, clamp, capture, readout joined by +)"
+                    ))
+                }
             }
         }
         Ok(c)
@@ -114,7 +122,13 @@ fn random_vector(hidden: usize, layers: usize, norm: f32, seed: u64) -> Arc<Stee
 impl Condition {
     /// Installs this condition's plans on a fresh session of `slots` sequences.
     fn install<B: Backend>(&self, session: &mut Session<'_, B>, slots: usize, vectors: &BenchVectors, layers: usize) -> Result<()> {
-        let vector_of = |slot: usize| if self.per_sequence { vectors.per_sequence[slot].clone() } else { vectors.shared.clone() };
+        let vector_of = |slot: usize| {
+            if self.per_sequence {
+                vectors.per_sequence[slot].clone()
+            } else {
+                vectors.shared.clone()
+            }
+        };
         if self.steer {
             for slot in 0..slots {
                 let mut term = SteeringTerm::new(vector_of(slot), 1.0);
@@ -158,7 +172,6 @@ fn summarize(mut samples: Vec<f64>) -> Summary {
     Summary { samples, ..s }
 }
 
-
 /// Deterministic token ids spread over the vocabulary (what llama-bench does with random tokens).
 fn bench_tokens(count: usize, vocab: usize) -> Vec<u32> {
     (0..count).map(|i| ((i as u64 * 2_654_435_761 + 12_345) % vocab as u64) as u32).collect()
@@ -198,11 +211,22 @@ fn measure_prefill<B: Backend>(model: &Model<B>, tokens: &[u32], setup: &Setup<'
 /// batches, consistently for that session. Sessions are therefore created in an order rotated
 /// by `rotation` (the repeat index), so each condition gets other buffers every repeat and the
 /// layout effect spreads over the repeats instead of biasing one condition.
-fn measure_decode<B: Backend>(model: &Model<B>, steps: usize, batch: usize, setups: &[Setup<'_>], rotation: usize) -> Result<Vec<f64>> {
+fn measure_decode<B: Backend>(
+    model: &Model<B>,
+    steps: usize,
+    batch: usize,
+    context: &[u32],
+    setups: &[Setup<'_>],
+    rotation: usize,
+) -> Result<Vec<f64>> {
     let mut created: Vec<Option<Session<'_, B>>> = setups.iter().map(|_| None).collect();
     for k in 0..setups.len() {
         let c = (rotation + k) % setups.len();
-        let mut session = setups[c].session(model, SessionOptions::new(batch, steps + 1))?;
+        let mut session = setups[c].session(model, SessionOptions::new(batch, context.len() + steps + 1))?;
+        if !context.is_empty() {
+            let inputs: Vec<SequenceInput> = (0..batch).map(|slot| SequenceInput { slot, tokens: context, logits: LogitRequest::None }).collect();
+            session.step(&inputs)?;
+        }
         for slot in 0..batch {
             session.begin_generation(slot)?; // every row is a generated row
         }
@@ -215,7 +239,8 @@ fn measure_decode<B: Backend>(model: &Model<B>, steps: usize, batch: usize, setu
         for k in 0..setups.len() {
             let c = (step + k) % setups.len();
             let tokens: Vec<[u32; 1]> = next[c].iter().map(|&t| [t]).collect();
-            let inputs: Vec<SequenceInput> = tokens.iter().enumerate().map(|(slot, t)| SequenceInput { slot, tokens: t, logits: LogitRequest::Last }).collect();
+            let inputs: Vec<SequenceInput> =
+                tokens.iter().enumerate().map(|(slot, t)| SequenceInput { slot, tokens: t, logits: LogitRequest::Last }).collect();
             let start = Instant::now();
             let logits = sessions[c].step(&inputs)?;
             std::hint::black_box(&logits.readouts);
@@ -300,6 +325,7 @@ fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64)
     let vectors = BenchVectors { shared, per_sequence: (0..args.batch).map(|s| random_vector(hidden, layers, 1.0, 100 + s as u64)).collect() };
     let backend_name = models[0].backend.name();
     let prompt = bench_tokens(args.prompt_tokens, config.vocab_size);
+    let context = bench_tokens(args.context, config.vocab_size);
     // Warm-up: first touches of weights and buffers are not part of the measurement.
     let setups: Vec<Setup> = args.conditions.iter().map(|condition| Setup { condition, vectors: &vectors }).collect();
     for model in &models {
@@ -308,7 +334,7 @@ fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64)
                 measure_prefill(model, &prompt[..prompt.len().min(64)], setup)?;
             }
         }
-        measure_decode(model, 4, args.batch, &setups, 0)?;
+        measure_decode(model, 4, args.batch, &context, &setups, 0)?;
     }
     // samples[m][c]: every repeat of model m under condition c, interleaved round by round.
     let cells = args.conditions.len();
@@ -324,23 +350,42 @@ fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64)
                 }
             }
             if args.decode_tokens > 0 {
-                for (c, rate) in measure_decode(model, args.decode_tokens, args.batch, &setups, repeat)?.into_iter().enumerate() {
+                for (c, rate) in measure_decode(model, args.decode_tokens, args.batch, &context, &setups, repeat)?.into_iter().enumerate() {
                     decode[m][c].push(rate);
                 }
             }
         }
     }
     // Bytes a decode step reads: every weight matrix once, plus the KV cache at the mean context.
-    let mean_context = (args.decode_tokens as f64 + 1.0) / 2.0;
+    let mean_context = args.context as f64 + (args.decode_tokens as f64 + 1.0) / 2.0;
     let kv_bytes = mean_context * (config.num_hidden_layers * 2 * config.kv_dim() * 4) as f64 * args.batch as f64;
-    println!("engram bench: {} | {} | p={} n={} batch={} repeats={}", args.model.display(), backend_name, args.prompt_tokens, args.decode_tokens, args.batch, args.repeats);
+    println!(
+        "engram bench: {} | {} | p={} n={} context={} batch={} repeats={}",
+        args.model.display(),
+        backend_name,
+        args.prompt_tokens,
+        args.decode_tokens,
+        args.context,
+        args.batch,
+        args.repeats
+    );
     println!("memory bandwidth (streaming read): {:.1} GB/s", bandwidth / 1e9);
     println!(
         "{:<6} {:<24} {:>10} {:>22} {:>22} {:>10} {:>8} {:>22} {:>22}",
-        "dtype", "condition", "weights", "prefill tok/s (IQR)", "decode tok/s (IQR)", "floor", "of floor", "prefill overhead (IQR)", "decode overhead (IQR)"
+        "dtype",
+        "condition",
+        "weights",
+        "prefill tok/s (IQR)",
+        "decode tok/s (IQR)",
+        "floor",
+        "of floor",
+        "prefill overhead (IQR)",
+        "decode overhead (IQR)"
     );
     let show = |s: &Option<Summary>| s.as_ref().map_or("-".to_string(), |s| format!("{:.1} ({:.1}-{:.1})", s.median, s.q1, s.q3));
-    let show_overhead = |s: &Option<Summary>| s.as_ref().map_or("-".to_string(), |s| format!("{:+.2}% ({:+.2}..{:+.2})", 100.0 * s.median, 100.0 * s.q1, 100.0 * s.q3));
+    let show_overhead = |s: &Option<Summary>| {
+        s.as_ref().map_or("-".to_string(), |s| format!("{:+.2}% ({:+.2}..{:+.2})", 100.0 * s.median, 100.0 * s.q1, 100.0 * s.q3))
+    };
     let baseline = args.conditions.iter().position(|c| c.name == "none");
     let mut results = Vec::new();
     for (m, model) in models.iter().enumerate() {
@@ -388,7 +433,7 @@ fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64)
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "model": args.model, "backend": backend_name, "prompt_tokens": args.prompt_tokens,
-            "decode_tokens": args.decode_tokens, "batch": args.batch, "repeats": args.repeats,
+            "decode_tokens": args.decode_tokens, "context": args.context, "batch": args.batch, "repeats": args.repeats,
             "conditions": args.conditions.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
             "memory_bandwidth_bytes_per_second": bandwidth, "results": results,
         });

@@ -51,7 +51,16 @@ const GEMM_RUN_MIN_ROWS: usize = 8;
 /// (many consecutive positions of one sequence) compute, per head, `S = Q·Kᵀ` and `O = P·V` as
 /// matrix products over strided views of the cache: one gemm instead of a dot call per
 /// (row, head, position).
-pub fn attention(level: SimdLevel, qkv: &[f32], rows: usize, layout: AttentionLayout, kv: &mut CpuKvStore, layer: usize, table: RowTable<'_>, out: &mut [f32]) {
+pub fn attention(
+    level: SimdLevel,
+    qkv: &[f32],
+    rows: usize,
+    layout: AttentionLayout,
+    kv: &mut CpuKvStore,
+    layer: usize,
+    table: RowTable<'_>,
+    out: &mut [f32],
+) {
     let (q_dim, kv_dim) = (layout.q_dim(), layout.kv_dim());
     let width = layout.qkv_dim();
     assert_eq!(kv.kv_dim, kv_dim, "KV cache width differs from the attention layout");
@@ -72,7 +81,7 @@ pub fn attention(level: SimdLevel, qkv: &[f32], rows: usize, layout: AttentionLa
         }
         let run_out = &mut out[begin * q_dim..end * q_dim];
         if end - begin >= GEMM_RUN_MIN_ROWS {
-            attend_run(qkv, begin, end, layout, kv, layer, table, run_out);
+            attend_run(level, qkv, begin, end, layout, kv, layer, table, run_out);
         } else {
             attend_rows(level, qkv, begin, layout, kv, layer, table, run_out);
         }
@@ -80,40 +89,86 @@ pub fn attention(level: SimdLevel, qkv: &[f32], rows: usize, layout: AttentionLa
     }
 }
 
-/// One task per (row, head): a dot product per cached position, softmax, weighted sum of V.
+/// Positions below which a row's attention is not split across tasks.
+const SPLIT_MIN_POSITIONS: usize = 256;
+
+/// Decode rows: one task per (row, KV head, span of positions). The query heads sharing a KV head
+/// run back to back over the same span, so its keys and values come from memory once (GQA), and
+/// long contexts are split into spans (flash-decoding) so that every thread has work. Each span
+/// returns per query head its running max, the sum of its exponentials and the unnormalized
+/// weighted sum of values; the spans of a head are then merged exactly.
 #[allow(clippy::too_many_arguments)]
-fn attend_rows(level: SimdLevel, qkv: &[f32], begin: usize, layout: AttentionLayout, kv: &CpuKvStore, layer: usize, table: RowTable<'_>, out: &mut [f32]) {
-    let (kv_dim, hd, width) = (layout.kv_dim(), layout.head_dim, layout.qkv_dim());
+fn attend_rows(
+    level: SimdLevel,
+    qkv: &[f32],
+    begin: usize,
+    layout: AttentionLayout,
+    kv: &CpuKvStore,
+    layer: usize,
+    table: RowTable<'_>,
+    out: &mut [f32],
+) {
+    let (q_dim, kv_dim, hd, width) = (layout.q_dim(), layout.kv_dim(), layout.head_dim, layout.qkv_dim());
     let group = layout.heads / layout.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd).enumerate().for_each(|(task, head_out)| {
-        let (r, h) = (begin + task / layout.heads, task % layout.heads);
-        let (slot, pos) = (table.slots[r] as usize, table.positions[r] as usize);
-        let q = &qkv[r * width + h * hd..r * width + (h + 1) * hd];
-        let kv_off = (h / group) * hd;
-        let first = kv.offset(layer, slot, 0);
-        let mut scores: Vec<f32> = (0..=pos)
-            .map(|t| {
-                let k = &kv.keys[first + t * kv_dim + kv_off..first + t * kv_dim + kv_off + hd];
-                simd::dot_f32(level, q, k) * scale
-            })
-            .collect();
-        softmax_in_place(&mut scores);
-        head_out.fill(0.0);
-        for (t, p) in scores.iter().enumerate() {
-            let v = &kv.values[first + t * kv_dim + kv_off..first + t * kv_dim + kv_off + hd];
-            simd::axpy(level, *p, v, head_out);
+    let rows = out.len() / q_dim;
+    let target_tasks = 4 * rayon::current_num_threads();
+    // (row, kv head, first position, end position)
+    let mut tasks = Vec::new();
+    for r in 0..rows {
+        let positions = table.positions[begin + r] as usize + 1;
+        let splits = target_tasks.div_ceil(rows * layout.kv_heads).min(positions.div_ceil(SPLIT_MIN_POSITIONS)).max(1);
+        let span = positions.div_ceil(splits);
+        for g in 0..layout.kv_heads {
+            for start in (0..positions).step_by(span) {
+                tasks.push((r, g, start, (start + span).min(positions)));
+            }
         }
-    });
+    }
+    // Per task and query head of its group: [max, sum, hd values].
+    let partials: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(r, g, start, end)| {
+            let slot = table.slots[begin + r] as usize;
+            let first = kv.offset(layer, slot, 0) + g * hd;
+            let span = first + start * kv_dim..first + (end - 1) * kv_dim + hd;
+            let mut scores = vec![0.0f32; end - start];
+            let mut partial = vec![0.0f32; group * (hd + 2)];
+            for (i, part) in partial.chunks_exact_mut(hd + 2).enumerate() {
+                let h = g * group + i;
+                let q = &qkv[(begin + r) * width + h * hd..(begin + r) * width + (h + 1) * hd];
+                simd::strided_dots(level, q, &kv.keys[span.clone()], kv_dim, &mut scores);
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+                let total = simd::exp_scaled_in_place(level, &mut scores, scale, max);
+                part[0] = max;
+                part[1] = total;
+                simd::strided_axpys(level, &scores, &kv.values[span.clone()], kv_dim, &mut part[2..]);
+            }
+            partial
+        })
+        .collect();
+    // Merge the spans of each (row, query head): rescale each to the overall max.
+    out.fill(0.0);
+    let mut by_head: Vec<Vec<&[f32]>> = vec![Vec::new(); rows * layout.heads];
+    for (&(r, g, _, _), partial) in tasks.iter().zip(&partials) {
+        for (i, part) in partial.chunks_exact(hd + 2).enumerate() {
+            by_head[r * layout.heads + g * group + i].push(part);
+        }
+    }
+    for (index, parts) in by_head.iter().enumerate() {
+        let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p[0]));
+        let weights: Vec<f32> = parts.iter().map(|p| (p[0] - max).exp()).collect();
+        let total: f32 = parts.iter().zip(&weights).map(|(p, w)| p[1] * w).sum();
+        let head_out = &mut out[index * hd..(index + 1) * hd];
+        for (p, w) in parts.iter().zip(&weights) {
+            simd::axpy(level, w / total, &p[2..], head_out);
+        }
+    }
 }
 
-fn softmax_in_place(scores: &mut [f32]) {
+fn softmax_in_place(level: SimdLevel, scores: &mut [f32]) {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
+    let total = simd::exp_scaled_in_place(level, scores, 1.0, max);
     let inv = 1.0 / total;
     for s in scores.iter_mut() {
         *s *= inv;
@@ -122,7 +177,17 @@ fn softmax_in_place(scores: &mut [f32]) {
 
 /// A run of consecutive positions of one slot: per head, two gemms over the cache.
 #[allow(clippy::too_many_arguments)]
-fn attend_run(qkv: &[f32], begin: usize, end: usize, layout: AttentionLayout, kv: &CpuKvStore, layer: usize, table: RowTable<'_>, out: &mut [f32]) {
+fn attend_run(
+    level: SimdLevel,
+    qkv: &[f32],
+    begin: usize,
+    end: usize,
+    layout: AttentionLayout,
+    kv: &CpuKvStore,
+    layer: usize,
+    table: RowTable<'_>,
+    out: &mut [f32],
+) {
     let (q_dim, kv_dim, hd, width) = (layout.q_dim(), layout.kv_dim(), layout.head_dim, layout.qkv_dim());
     let group = layout.heads / layout.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -146,7 +211,7 @@ fn attend_run(qkv: &[f32], begin: usize, end: usize, layout: AttentionLayout, kv
                 for s in row[..visible].iter_mut() {
                     *s *= scale;
                 }
-                softmax_in_place(&mut row[..visible]);
+                softmax_in_place(level, &mut row[..visible]);
                 row[visible..].fill(0.0);
             }
             let p = MatRef::dense(&scores, n, context);
@@ -159,6 +224,36 @@ fn attend_run(qkv: &[f32], begin: usize, end: usize, layout: AttentionLayout, kv
     for (h, head_out) in heads.iter().enumerate() {
         for i in 0..n {
             out[i * q_dim + h * hd..i * q_dim + (h + 1) * hd].copy_from_slice(&head_out[i * hd..(i + 1) * hd]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn split_decode_attention_matches_the_prefill_run() {
+        // 700 positions: the decode row is split into spans and merged; the prefill run computes
+        // the same last row with one softmax over all positions (gemm path).
+        let layout = AttentionLayout { heads: 6, kv_heads: 2, head_dim: 16 };
+        let (n, width, q_dim) = (700usize, layout.qkv_dim(), layout.q_dim());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let qkv: Vec<f32> = (0..n * width).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for level in SimdLevel::all_supported() {
+            let mut kv = CpuKvStore::new(1, 2, n, layout.kv_dim());
+            let slots = vec![1u32; n];
+            let positions: Vec<u32> = (0..n as u32).collect();
+            let mut run_out = vec![0.0f32; n * q_dim];
+            pool.install(|| attention(level, &qkv, n, layout, &mut kv, 0, RowTable { slots: &slots, positions: &positions }, &mut run_out));
+            let mut row_out = vec![f32::NAN; q_dim];
+            let last = RowTable { slots: &slots[n - 1..], positions: &positions[n - 1..] };
+            pool.install(|| attention(level, &qkv[(n - 1) * width..], 1, layout, &mut kv, 0, last, &mut row_out));
+            for (g, w) in row_out.iter().zip(&run_out[(n - 1) * q_dim..]) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{level}: {g} vs {w}");
+            }
         }
     }
 }

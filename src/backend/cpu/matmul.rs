@@ -8,9 +8,8 @@
 
 use rayon::prelude::*;
 
-use super::quant::{self, BlockFormat, Q8Activations, QuantKernel};
+use super::quant::{self, BlockMatrix, Q8Activations, QuantKernel};
 use super::simd::{self, SimdLevel};
-use crate::model::quant::QK;
 
 /// Row counts up to this go through the weight-streaming GEMV path.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -21,8 +20,8 @@ pub enum WeightData {
     F32(Vec<f32>),
     BF16(Vec<u16>),
     F16(Vec<u16>),
-    /// GGUF blocks, each row `cols / 32` whole blocks.
-    Quantized { format: BlockFormat, bytes: Vec<u8> },
+    /// GGUF blocks repacked for the kernels (see `quant`).
+    Quantized(BlockMatrix),
 }
 
 /// A `[rows, cols]` = `[out_features, in_features]` weight matrix.
@@ -41,15 +40,8 @@ impl CpuMatrix {
             WeightData::F32(w) => out.copy_from_slice(&w[range]),
             WeightData::BF16(w) => simd::bf16_to_f32(&w[range], out),
             WeightData::F16(w) => simd::f16_to_f32(&w[range], out),
-            WeightData::Quantized { format, bytes } => {
-                crate::model::quant::dequantize_blocks_into(format.ggml(), &bytes[self.row_bytes_range(*format, r)], out)
-            }
+            WeightData::Quantized(blocks) => blocks.row_to_f32(r, out),
         }
-    }
-
-    fn row_bytes_range(&self, format: BlockFormat, r: usize) -> std::ops::Range<usize> {
-        let row_bytes = self.cols / QK * format.block_bytes();
-        r * row_bytes..(r + 1) * row_bytes
     }
 
     fn dot_row(&self, level: SimdLevel, r: usize, x: &[f32]) -> f32 {
@@ -58,7 +50,9 @@ impl CpuMatrix {
             WeightData::F32(w) => simd::dot_f32(level, &w[range], x),
             WeightData::BF16(w) => simd::dot_bf16(level, &w[range], x),
             WeightData::F16(w) => simd::dot_f16(level, &w[range], x),
-            WeightData::Quantized { .. } => unreachable!("quantized rows go through quantized_gemv"),
+            WeightData::Quantized(_) => {
+                unreachable!("quantized rows go through their own gemv arm")
+            }
         }
     }
 
@@ -66,7 +60,7 @@ impl CpuMatrix {
         match &self.data {
             WeightData::F32(w) => w.len() * 4,
             WeightData::BF16(w) | WeightData::F16(w) => w.len() * 2,
-            WeightData::Quantized { bytes, .. } => bytes.len(),
+            WeightData::Quantized(blocks) => blocks.size_in_bytes(),
         }
     }
 }
@@ -91,42 +85,42 @@ fn chunk_len(n: usize, threads: usize) -> usize {
 fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
     let k = w.cols;
     match &w.data {
-        WeightData::Quantized { format, bytes } => {
+        WeightData::Quantized(blocks) => {
             // The input rows are quantized once; every weight row then meets them as integers.
             let kernel = QuantKernel::for_level(level);
             let activations = Q8Activations::quantize(x, rows, k);
-            let row_bytes = k / QK * format.block_bytes();
-            gemv_by_rows(threads, rows, w.rows, out, |j, r| {
-                quant::dot(kernel, *format, &bytes[j * row_bytes..(j + 1) * row_bytes], activations.row(r))
-            });
+            gemv_by_rows(threads, rows, w.rows, out, |first, r, run| quant::dot_rows(kernel, blocks, first, activations.row(r), run));
         }
-        _ => gemv_by_rows(threads, rows, w.rows, out, |j, r| w.dot_row(level, j, &x[r * k..(r + 1) * k])),
+        _ => gemv_by_rows(threads, rows, w.rows, out, |first, r, run| {
+            for (i, o) in run.iter_mut().enumerate() {
+                *o = w.dot_row(level, first + i, &x[r * k..(r + 1) * k]);
+            }
+        }),
     }
 }
 
-/// `out[r, j] = dot(j, r)` for `rows` input rows and `n` outputs, split over threads by output
-/// so that each task streams disjoint weight rows once.
-fn gemv_by_rows(threads: usize, rows: usize, n: usize, out: &mut [f32], dot: impl Fn(usize, usize) -> f32 + Sync) {
+/// `out[r, j]` for `rows` input rows and `n` outputs, where `fill(first, r, run)` writes
+/// `out[r, first..first + run.len()]`; split over threads by output so that each task streams
+/// disjoint weight rows once.
+fn gemv_by_rows(threads: usize, rows: usize, n: usize, out: &mut [f32], fill: impl Fn(usize, usize, &mut [f32]) + Sync) {
     let chunk = chunk_len(n, threads);
     if rows == 1 {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, out_chunk)| {
-            for (i, o) in out_chunk.iter_mut().enumerate() {
-                *o = dot(c * chunk + i, 0);
-            }
-        });
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, run)| fill(c * chunk, 0, run));
         return;
     }
-    // Several rows: each task dots its weight rows with every input (they stay in L1 across the
-    // inputs) and returns a column block, copied into place afterwards.
+    // Several rows: each task runs tiles of its weight rows against every input (a tile stays in
+    // L1 across the inputs) and returns a column block, copied into place afterwards.
+    const TILE_ROWS: usize = 32;
     let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
         .into_par_iter()
         .map(|c| {
             let start = c * chunk;
-            let end = (start + chunk).min(n);
-            let mut block = vec![0.0f32; rows * (end - start)];
-            for j in start..end {
+            let width = chunk.min(n - start);
+            let mut block = vec![0.0f32; rows * width];
+            for tile in (0..width).step_by(TILE_ROWS) {
+                let tile_end = (tile + TILE_ROWS).min(width);
                 for r in 0..rows {
-                    block[r * (end - start) + (j - start)] = dot(j, r);
+                    fill(start + tile, r, &mut block[r * width + tile..r * width + tile_end]);
                 }
             }
             (start, block)
@@ -147,7 +141,7 @@ fn gemm_any(threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f3
     let (n, k) = (w.rows, w.cols);
     match &w.data {
         WeightData::F32(data) => gemm_f32(threads, x, rows, k, data, n, out, n, 0),
-        WeightData::BF16(_) | WeightData::F16(_) | WeightData::Quantized { .. } => {
+        WeightData::BF16(_) | WeightData::F16(_) | WeightData::Quantized(_) => {
             let chunk_rows = (WIDEN_CHUNK_ELEMENTS / k).clamp(1, n);
             let mut scratch = vec![0.0f32; chunk_rows * k];
             let mut start = 0;
@@ -271,6 +265,37 @@ mod tests {
                         pool.install(|| matmul(level, 2, &x, rows, matrix, &mut out));
                         for (g, w) in out.iter().zip(&want) {
                             assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "n={n} k={k} rows={rows} {level}: {g} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_matmul_matches_its_dequantized_weights_for_every_row_count() {
+        use crate::model::quant::{dequantize, quantize};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(n, k) in &[(37usize, 96usize), (130, 576)] {
+            let w32: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            for format in [quant::BlockFormat::Q8_0, quant::BlockFormat::Q4_0, quant::BlockFormat::Q4_1] {
+                let bytes = quantize(format.ggml(), &w32).unwrap();
+                let widened = dequantize(format.ggml(), &bytes, n * k).unwrap();
+                let matrix = CpuMatrix { rows: n, cols: k, data: WeightData::Quantized(BlockMatrix::pack(format, n, k, &bytes)) };
+                for rows in [1usize, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 33] {
+                    let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let want = naive(&x, rows, &widened, n, k);
+                    for level in SimdLevel::all_supported() {
+                        let mut out = vec![f32::NAN; rows * n];
+                        pool.install(|| matmul(level, 2, &x, rows, &matrix, &mut out));
+                        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                            let (r, j) = (i / n, i % n);
+                            let magnitude: f32 = (0..k).map(|c| (x[r * k + c] * widened[j * k + c]).abs()).sum();
+                            // GEMV rows meet 8-bit activations (≈1/254 of each block's largest
+                            // value); gemm rows use the widened weights exactly.
+                            let tolerance = if rows <= GEMV_MAX_ROWS { 0.01 * magnitude } else { 1e-5 * magnitude };
+                            assert!((g - w).abs() <= tolerance + 1e-5, "{format:?} n={n} k={k} rows={rows} {level}: {g} vs {w}");
                         }
                     }
                 }

@@ -117,7 +117,7 @@ impl Backend for CpuBackend {
                 let format = quant::BlockFormat::from_ggml(*ty)
                     .ok_or_else(|| Error::Unsupported(format!("{ty} weight matrices on the CPU")))?;
                 // HostTensor::quantized checked that rows are whole blocks and the byte count.
-                WeightData::Quantized { format, bytes: bytes.clone() }
+                WeightData::Quantized(quant::BlockMatrix::pack(format, rows, cols, bytes))
             }
         };
         Ok(CpuMatrix { rows, cols, data })

@@ -88,6 +88,28 @@ pub mod scalar {
     pub fn sum_squares(x: &[f32]) -> f32 {
         x.iter().map(|v| v * v).sum()
     }
+
+    pub fn exp_scaled_in_place(values: &mut [f32], scale: f32, shift: f32) -> f32 {
+        let mut total = 0.0f32;
+        for v in values.iter_mut() {
+            *v = (*v * scale - shift).exp();
+            total += *v;
+        }
+        total
+    }
+
+    pub fn strided_dots(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        for (t, o) in out.iter_mut().enumerate() {
+            *o = dot_f32(q, &rows[t * stride..t * stride + q.len()]);
+        }
+    }
+
+    pub fn strided_axpys(weights: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
+        let n = y.len();
+        for (t, &w) in weights.iter().enumerate() {
+            axpy(w, &rows[t * stride..t * stride + n], y);
+        }
+    }
 }
 
 // ---------------------------------------------------------------- safe dispatchers
@@ -146,6 +168,50 @@ pub fn axpy(level: SimdLevel, a: f32, x: &[f32], y: &mut [f32]) {
         SimdLevel::Avx2 => unsafe { x86::axpy_avx2(a, x, y) },
         _ => scalar::axpy(a, x, y),
     }
+}
+
+/// `out[t] = q · rows[t·stride .. t·stride + q.len()]` for every `t < out.len()`: attention
+/// scores against cached keys, in one dispatch instead of one per position.
+pub fn strided_dots(level: SimdLevel, q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    check_strided(q.len(), rows.len(), stride, out.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32; check_strided bounds every row.
+        SimdLevel::Avx512 => unsafe { x86::strided_dots_avx512(q, rows, stride, out) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::strided_dots_avx2(q, rows, stride, out) },
+        _ => scalar::strided_dots(q, rows, stride, out),
+    }
+}
+
+/// `y += Σ_t weights[t] · rows[t·stride .. t·stride + y.len()]`: the attention-weighted sum of
+/// cached values, in one dispatch.
+pub fn strided_axpys(level: SimdLevel, weights: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
+    check_strided(y.len(), rows.len(), stride, weights.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32; check_strided bounds every row.
+        SimdLevel::Avx512 => unsafe { x86::strided_axpys_avx512(weights, rows, stride, y) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::strided_axpys_avx2(weights, rows, stride, y) },
+        _ => scalar::strided_axpys(weights, rows, stride, y),
+    }
+}
+
+/// `v = exp(v·scale − shift)` for every element, returning their sum: the exponentials of a
+/// softmax (arguments at most 0 there; results below about 1e-38 may come back as that floor).
+pub fn exp_scaled_in_place(level: SimdLevel, values: &mut [f32], scale: f32, shift: f32) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx512 => unsafe { x86::exp_scaled_in_place_avx512(values, scale, shift) },
+        _ => scalar::exp_scaled_in_place(values, scale, shift),
+    }
+}
+
+/// `count` rows of `width` values, `stride` apart, must lie inside `len`.
+fn check_strided(width: usize, len: usize, stride: usize, count: usize) {
+    assert!(count == 0 || (count - 1) * stride + width <= len, "strided rows exceed their slice");
 }
 
 /// Σ x_i².
@@ -341,6 +407,65 @@ mod x86 {
         }
         super::scalar::axpy(a, &x[i..], &mut y[i..]);
     }
+
+    /// exp on 16 lanes: `x = n·ln2 + r` with |r| ≤ ln2/2, a degree-6 Taylor polynomial for
+    /// `e^r` (error below 2e-7 relative there), and `2^n` applied exactly by `vscalefps`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        // ln 2 split in two so that n·ln2_hi is exact.
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_scaled_in_place_avx512(values: &mut [f32], scale: f32, shift: f32) -> f32 {
+        let (vs, vshift) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
+        let mut total = _mm512_setzero_ps();
+        // The argument is rounded as the scalar path rounds it (no fused multiply-subtract).
+        let mut chunks = values.chunks_exact_mut(16);
+        for chunk in &mut chunks {
+            let e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(chunk.as_ptr()), vs), vshift));
+            _mm512_storeu_ps(chunk.as_mut_ptr(), e);
+            total = _mm512_add_ps(total, e);
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mask: __mmask16 = (1u16 << rest.len()) - 1;
+            let e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, rest.as_ptr()), vs), vshift));
+            _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, e);
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
+        }
+        _mm512_reduce_add_ps(total)
+    }
+
+    /// The per-row kernels above, inlined into one loop per level.
+    macro_rules! strided {
+        ($dots:ident, $axpys:ident, $dot:ident, $axpy:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $dots(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = $dot(q, rows.get_unchecked(t * stride..t * stride + q.len()));
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn $axpys(weights: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
+                let n = y.len();
+                for (t, &w) in weights.iter().enumerate() {
+                    $axpy(w, rows.get_unchecked(t * stride..t * stride + n), y);
+                }
+            }
+        };
+    }
+    strided!(strided_dots_avx512, strided_axpys_avx512, dot_f32_avx512, axpy_avx512, "avx512f");
+    strided!(strided_dots_avx2, strided_axpys_avx2, dot_f32_avx2, axpy_avx2, "avx2,fma");
 }
 
 #[cfg(test)]
@@ -417,6 +542,52 @@ mod tests {
         f16_to_f32(&h, &mut out);
         for (o, &bits) in out.iter().zip(&h) {
             assert_eq!(*o, half::f16::from_bits(bits).to_f32());
+        }
+    }
+
+    #[test]
+    fn strided_kernels_match_scalar_reference_on_every_level() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+        for level in SimdLevel::all_supported() {
+            for (width, stride, count) in [(64usize, 192usize, 37usize), (17, 17, 5), (64, 64, 1), (32, 40, 0)] {
+                let q = random_vec(&mut rng, width);
+                let rows = random_vec(&mut rng, (count.max(1) - 1) * stride + width);
+                let mut want = vec![0.0; count];
+                scalar::strided_dots(&q, &rows, stride, &mut want);
+                let mut got = vec![f32::NAN; count];
+                strided_dots(level, &q, &rows, stride, &mut got);
+                for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= tolerance(&q, &rows[t * stride..t * stride + width]), "{level} dots {width}/{stride}");
+                }
+                let weights = random_vec(&mut rng, count);
+                let y0 = random_vec(&mut rng, width);
+                let (mut want, mut got) = (y0.clone(), y0.clone());
+                scalar::strided_axpys(&weights, &rows, stride, &mut want);
+                strided_axpys(level, &weights, &rows, stride, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (count.max(1) as f32), "{level} axpys {width}/{stride}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_matches_the_standard_library_on_every_level() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for level in SimdLevel::all_supported() {
+            for n in AWKWARD_LENGTHS {
+                let values: Vec<f32> = (0..n).map(|_| rng.random_range(-60.0f32..10.0)).collect();
+                let (scale, shift) = (1.7f32, 10.0f32);
+                let mut got = values.clone();
+                let total = exp_scaled_in_place(level, &mut got, scale, shift);
+                let mut want_total = 0.0f64;
+                for (g, v) in got.iter().zip(&values) {
+                    let want = ((v * scale - shift) as f64).exp();
+                    want_total += want;
+                    assert!((*g as f64 - want).abs() <= 1e-6 * want + 1e-37, "{level}: exp({}) = {g}, want {want}", v * scale - shift);
+                }
+                assert!((total as f64 - want_total).abs() <= 1e-5 * want_total + 1e-37, "{level} n={n}: {total} vs {want_total}");
+            }
         }
     }
 }

@@ -131,7 +131,7 @@ mod tests {
     }
 
     /// The quantized file runs natively (blocks kept in memory) and its logits, on both the
-    /// GEMV (decode) and widened-gemm (prefill) paths, stay close to the same file widened to f32.
+    /// GEMV (decode) and the prefill paths, stay close to the same file widened to f32.
     #[test]
     fn a_quantized_file_runs_natively_close_to_its_f32_widening() {
         use crate::backend::cpu::CpuBackend;
@@ -157,18 +157,32 @@ mod tests {
                 }
                 last
             };
-            let (got, want) = (decode(&native), decode(&widened));
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let err = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            let relative_error = |got: &[f32], want: &[f32]| {
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+            };
+            let native_decode = decode(&native);
+            let err = relative_error(&native_decode, &decode(&widened));
             assert!(err < 0.05, "{ty}: decode logits differ by {err} of max |logit|");
-            // Prefill with logits at every position: every product has 12 rows and widens the
-            // blocks exactly, so the logits equal the f32 model's bit for bit.
+            // Prefill with logits at every position: every product has 12 rows (integer products
+            // on four activation rows at a time with VNNI, the exactly widened blocks without).
             let prefill = |model: &Model<CpuBackend>| {
                 let options = SessionOptions { max_logit_rows: prompt.len(), ..SessionOptions::new(1, prompt.len()) };
                 let mut session = Session::new(model, options).unwrap();
                 session.step(&[SequenceInput { slot: 0, tokens: &prompt, logits: LogitRequest::All }]).unwrap().per_input.remove(0)
             };
-            assert_eq!(prefill(&native), prefill(&widened), "{ty}: prefill");
+            let (got, want) = (prefill(&native), prefill(&widened));
+            assert_eq!(got.len(), want.len());
+            // The tiny random model amplifies the 8-bit activation rounding more than a trained
+            // one: its per-position errors were measured at 1.3e-2 to 7.3e-2 (Q8_0).
+            let err = relative_error(&got, &want);
+            assert!(err < 0.15, "{ty}: prefill logits differ by {err} of max |logit|");
+            // Prefill and decode run the same integer arithmetic, so their last logits agree far
+            // closer than either does with f32 (measured: 0 to 2.5e-7, one position 9e-3 where a
+            // rounding of an activation flipped).
+            let vocab = want.len() / prompt.len();
+            let err = relative_error(&got[got.len() - vocab..], &native_decode);
+            assert!(err < 2e-2, "{ty}: prefill and decode last logits differ by {err} of max |logit|");
         }
     }
 

@@ -73,7 +73,7 @@ pub fn matmul(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuM
     if rows <= GEMV_MAX_ROWS {
         gemv(level, threads, x, rows, w, out);
     } else {
-        gemm_any(threads, x, rows, w, out);
+        gemm_any(level, threads, x, rows, w, out);
     }
 }
 
@@ -137,10 +137,13 @@ fn gemv_by_rows(threads: usize, rows: usize, n: usize, out: &mut [f32], fill: im
 /// Elements of 16-bit weights widened per gemm call (bounds the scratch to 16 MiB).
 const WIDEN_CHUNK_ELEMENTS: usize = 1 << 22;
 
-fn gemm_any(threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
+fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     match &w.data {
         WeightData::F32(data) => gemm_f32(threads, x, rows, k, data, n, out, n, 0),
+        WeightData::Quantized(blocks) if QuantKernel::for_level(level) == QuantKernel::Vnni => {
+            quantized_gemm(QuantKernel::Vnni, threads, x, rows, blocks, out)
+        }
         WeightData::BF16(_) | WeightData::F16(_) | WeightData::Quantized(_) => {
             let chunk_rows = (WIDEN_CHUNK_ELEMENTS / k).clamp(1, n);
             let mut scratch = vec![0.0f32; chunk_rows * k];
@@ -152,6 +155,55 @@ fn gemm_any(threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f3
                 gemm_f32(threads, x, rows, k, widened, end - start, out, n, start);
                 start = end;
             }
+        }
+    }
+}
+
+/// Prefill on block-quantized weights with integer products: the activation rows are quantized
+/// once, and each task takes a tile of weight rows through every group of four activation rows
+/// (the tile stays in L1 while the activations stream from L2).
+fn quantized_gemm(kernel: QuantKernel, threads: usize, x: &[f32], rows: usize, w: &BlockMatrix, out: &mut [f32]) {
+    const TILE_ROWS: usize = 16;
+    const GROUP: usize = quant::ROWS_AT_ONCE;
+    let n = w.rows;
+    let activations = Q8Activations::quantize(x, rows, w.cols);
+    let chunk = chunk_len(n, threads);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let start = c * chunk;
+            let width = chunk.min(n - start);
+            let mut block = vec![0.0f32; rows * width];
+            // A short last group repeats its last row into scratch outputs.
+            let mut spare = vec![0.0f32; (GROUP - 1) * TILE_ROWS];
+            for tile in (0..width).step_by(TILE_ROWS) {
+                let count = TILE_ROWS.min(width - tile);
+                for (g, group) in block.chunks_mut(GROUP * width).enumerate() {
+                    let present = group.len() / width;
+                    let first_row = g * GROUP;
+                    let x = std::array::from_fn(|t| activations.row(first_row + t.min(present - 1)));
+                    let (mut group, mut spare) = (&mut group[..], &mut spare[..]);
+                    let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|t| {
+                        if t < present {
+                            let (row, rest) = std::mem::take(&mut group).split_at_mut(width);
+                            group = rest;
+                            &mut row[tile..tile + count]
+                        } else {
+                            let (row, rest) = std::mem::take(&mut spare).split_at_mut(TILE_ROWS);
+                            spare = rest;
+                            &mut row[..count]
+                        }
+                    });
+                    quant::dot_rows4(kernel, w, start + tile, count, x, &mut outs).expect("the caller chose a kernel with four-row products");
+                }
+            }
+            (start, block)
+        })
+        .collect();
+    for (start, block) in blocks {
+        let width = block.len() / rows;
+        for r in 0..rows {
+            out[r * n + start..r * n + start + width].copy_from_slice(&block[r * width..(r + 1) * width]);
         }
     }
 }
@@ -292,9 +344,11 @@ mod tests {
                         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
                             let (r, j) = (i / n, i % n);
                             let magnitude: f32 = (0..k).map(|c| (x[r * k + c] * widened[j * k + c]).abs()).sum();
-                            // GEMV rows meet 8-bit activations (≈1/254 of each block's largest
-                            // value); gemm rows use the widened weights exactly.
-                            let tolerance = if rows <= GEMV_MAX_ROWS { 0.01 * magnitude } else { 1e-5 * magnitude };
+                            // Integer products meet 8-bit activations (≈1/254 of each block's
+                            // largest value): decode always, prefill with VNNI; otherwise prefill
+                            // uses the widened weights exactly.
+                            let integer = rows <= GEMV_MAX_ROWS || QuantKernel::for_level(level) == QuantKernel::Vnni;
+                            let tolerance = if integer { 0.01 * magnitude } else { 1e-5 * magnitude };
                             assert!((g - w).abs() <= tolerance + 1e-5, "{format:?} n={n} k={k} rows={rows} {level}: {g} vs {w}");
                         }
                     }

@@ -155,13 +155,14 @@ fn all_logits(model: &Model<CpuBackend>, ids: &[u32]) -> Vec<f32> {
     session.step(&[SequenceInput { slot: 0, tokens: ids, logits: LogitRequest::All }]).unwrap().per_input.remove(0)
 }
 
-/// `native` keeps the file's Q4_1/Q8_0 blocks and computes on them directly. Decode quantizes each
-/// activation row to 8-bit blocks (as llama.cpp does): measured on the six fixture prompts (CI run
-/// of 2026-11-22), 1.7e-2 to 2.7e-2 of max |logit| from transformers on the dequantized weights; the bound is 5e-2,
-/// and greedy tokens must agree wherever the reference margin exceeds 1.0. Prefill (more than 8
-/// rows per product) does the same with AVX-512 VNNI (four activation rows per weight block) and
-/// widens the blocks exactly to f32 without it; its logits at every position must stay within the
-/// same bound of the f32 model's.
+/// `native` keeps the file's Q4_1/Q8_0 blocks and computes on them directly, quantizing each
+/// activation row to 8-bit blocks (as llama.cpp does), in decode and (with AVX2 or AVX-512 VNNI)
+/// in prefill. Decode, fed one token per step: measured on the six fixture prompts at 2.1e-2 to
+/// 3.9e-2 of max |logit| from transformers on the dequantized weights (1.9e-2 to 3.7e-2 when
+/// activations round half away from zero instead of to even); the bound is 5e-2,
+/// and greedy tokens must agree wherever the reference margin exceeds 1.0. Prefill, logits at
+/// every position against the f32 model (a max over every position, so larger): measured 2.6e-2
+/// to 5.4e-2; the bound is 8e-2.
 #[test]
 fn native_quantized_logits_stay_within_the_stated_bound() {
     let Some((fixture, model_path)) = load_fixture() else { return };
@@ -173,7 +174,7 @@ fn native_quantized_logits_stay_within_the_stated_bound() {
         if case.token_ids.len() > 8 {
             let err = logit_error(&all_logits(&native, &case.token_ids), &all_logits(&f32_model, &case.token_ids));
             eprintln!("native {}: relative logit error of prefill (every position) against f32 {err:.2e}", case.name);
-            assert!(err <= 5e-2, "{}: native prefill logits differ by {err} of max |logit|", case.name);
+            assert!(err <= 8e-2, "{}: native prefill logits differ by {err} of max |logit|", case.name);
         }
         let err = logit_error(&last_logits_token_by_token(&native, &case.token_ids), &want);
         eprintln!("native {}: relative logit error of decode {err:.2e}", case.name);

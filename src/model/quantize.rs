@@ -165,7 +165,7 @@ mod tests {
             let err = relative_error(&native_decode, &decode(&widened));
             assert!(err < 0.05, "{ty}: decode logits differ by {err} of max |logit|");
             // Prefill with logits at every position: every product has 12 rows (integer products
-            // on four activation rows at a time with VNNI, the exactly widened blocks without).
+            // on four activation rows at a time with AVX2 or VNNI; the exactly widened blocks on the scalar level).
             let prefill = |model: &Model<CpuBackend>| {
                 let options = SessionOptions { max_logit_rows: prompt.len(), ..SessionOptions::new(1, prompt.len()) };
                 let mut session = Session::new(model, options).unwrap();

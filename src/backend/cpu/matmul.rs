@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::quant::{self, BlockMatrix, Q8Activations, QuantKernel};
+use super::quant::{self, BlockMatrix, Q8Activations, QuantKernel, ROW_GROUP};
 use super::simd::{self, SimdLevel};
 
 /// Row counts up to this go through the weight-streaming GEMV path.
@@ -85,12 +85,7 @@ fn chunk_len(n: usize, threads: usize) -> usize {
 fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
     let k = w.cols;
     match &w.data {
-        WeightData::Quantized(blocks) => {
-            // The input rows are quantized once; every weight row then meets them as integers.
-            let kernel = QuantKernel::for_level(level);
-            let activations = Q8Activations::quantize(x, rows, k);
-            gemv_by_rows(threads, rows, w.rows, out, |first, r, run| quant::dot_rows(kernel, blocks, first, activations.row(r), run));
-        }
+        WeightData::Quantized(blocks) => quantized_products(QuantKernel::for_level(level), threads, x, rows, blocks, out),
         _ => gemv_by_rows(threads, rows, w.rows, out, |first, r, run| {
             for (i, o) in run.iter_mut().enumerate() {
                 *o = w.dot_row(level, first + i, &x[r * k..(r + 1) * k]);
@@ -141,8 +136,8 @@ fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMat
     let (n, k) = (w.rows, w.cols);
     match &w.data {
         WeightData::F32(data) => gemm_f32(threads, x, rows, k, data, n, out, n, 0),
-        WeightData::Quantized(blocks) if QuantKernel::for_level(level) == QuantKernel::Vnni => {
-            quantized_gemm(QuantKernel::Vnni, threads, x, rows, blocks, out)
+        WeightData::Quantized(blocks) if QuantKernel::for_level(level) != QuantKernel::Scalar => {
+            quantized_products(QuantKernel::for_level(level), threads, x, rows, blocks, out)
         }
         WeightData::BF16(_) | WeightData::F16(_) | WeightData::Quantized(_) => {
             let chunk_rows = (WIDEN_CHUNK_ELEMENTS / k).clamp(1, n);
@@ -159,42 +154,44 @@ fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMat
     }
 }
 
-/// Prefill on block-quantized weights with integer products: the activation rows are quantized
-/// once, and each task takes a tile of weight rows through every group of four activation rows
-/// (the tile stays in L1 while the activations stream from L2).
-fn quantized_gemm(kernel: QuantKernel, threads: usize, x: &[f32], rows: usize, w: &BlockMatrix, out: &mut [f32]) {
-    const TILE_ROWS: usize = 16;
+/// `x · Wᵀ` on block-quantized weights with integer products (decode, and prefill where the CPU
+/// has AVX2 or VNNI): the activation rows are quantized once; each task takes whole row groups of
+/// `w` and runs every group (16 weight rows, which stay in L1) against the activation rows four
+/// at a time.
+fn quantized_products(kernel: QuantKernel, threads: usize, x: &[f32], rows: usize, w: &BlockMatrix, out: &mut [f32]) {
     const GROUP: usize = quant::ROWS_AT_ONCE;
-    let n = w.rows;
+    let (n, groups) = (w.rows, w.groups());
     let activations = Q8Activations::quantize(x, rows, w.cols);
-    let chunk = chunk_len(n, threads);
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
+    let chunk_groups = groups.div_ceil(threads * 4).max(1);
+    let chunk_rows = chunk_groups * ROW_GROUP;
+    if rows == 1 {
+        out.par_chunks_mut(chunk_rows).enumerate().for_each(|(c, run)| {
+            let first = c * chunk_groups;
+            quant::dot_groups(kernel, w, first..(first + chunk_groups).min(groups), [activations.row(0)], &mut [run]);
+        });
+        return;
+    }
+    // Several rows: each task fills a column block `[rows, width]`, copied into place afterwards.
+    let blocks: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(chunk_groups))
         .into_par_iter()
         .map(|c| {
-            let start = c * chunk;
-            let width = chunk.min(n - start);
+            let start = c * chunk_rows;
+            let width = chunk_rows.min(n - start);
             let mut block = vec![0.0f32; rows * width];
-            // A short last group repeats its last row into scratch outputs.
-            let mut spare = vec![0.0f32; (GROUP - 1) * TILE_ROWS];
-            for tile in (0..width).step_by(TILE_ROWS) {
-                let count = TILE_ROWS.min(width - tile);
-                for (g, group) in block.chunks_mut(GROUP * width).enumerate() {
-                    let present = group.len() / width;
-                    let first_row = g * GROUP;
-                    let x = std::array::from_fn(|t| activations.row(first_row + t.min(present - 1)));
-                    let (mut group, mut spare) = (&mut group[..], &mut spare[..]);
-                    let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|t| {
-                        if t < present {
-                            let (row, rest) = std::mem::take(&mut group).split_at_mut(width);
-                            group = rest;
-                            &mut row[tile..tile + count]
-                        } else {
-                            let (row, rest) = std::mem::take(&mut spare).split_at_mut(TILE_ROWS);
-                            spare = rest;
-                            &mut row[..count]
-                        }
-                    });
-                    quant::dot_rows4(kernel, w, start + tile, count, x, &mut outs).expect("the caller chose a kernel with four-row products");
+            for g in c * chunk_groups..((c + 1) * chunk_groups).min(groups) {
+                let first = g * ROW_GROUP - start;
+                let count = ROW_GROUP.min(width - first);
+                let mut r = 0;
+                while r < rows {
+                    let take = if rows - r >= GROUP { GROUP } else { 1 };
+                    let mut runs = block[r * width..(r + take) * width].chunks_mut(width).map(|row| &mut row[first..first + count]);
+                    if take == GROUP {
+                        let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|_| runs.next().expect("four rows"));
+                        quant::dot_groups(kernel, w, g..g + 1, std::array::from_fn(|t| activations.row(r + t)), &mut outs);
+                    } else {
+                        quant::dot_groups(kernel, w, g..g + 1, [activations.row(r)], &mut [runs.next().expect("one row")]);
+                    }
+                    r += take;
                 }
             }
             (start, block)
@@ -345,9 +342,9 @@ mod tests {
                             let (r, j) = (i / n, i % n);
                             let magnitude: f32 = (0..k).map(|c| (x[r * k + c] * widened[j * k + c]).abs()).sum();
                             // Integer products meet 8-bit activations (≈1/254 of each block's
-                            // largest value): decode always, prefill with VNNI; otherwise prefill
-                            // uses the widened weights exactly.
-                            let integer = rows <= GEMV_MAX_ROWS || QuantKernel::for_level(level) == QuantKernel::Vnni;
+                            // largest value): decode always, prefill with AVX2 or VNNI; the
+                            // scalar level's prefill uses the widened weights exactly.
+                            let integer = rows <= GEMV_MAX_ROWS || QuantKernel::for_level(level) != QuantKernel::Scalar;
                             let tolerance = if integer { 0.01 * magnitude } else { 1e-5 * magnitude };
                             assert!((g - w).abs() <= tolerance + 1e-5, "{format:?} n={n} k={k} rows={rows} {level}: {g} vs {w}");
                         }

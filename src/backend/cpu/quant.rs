@@ -15,20 +15,25 @@
 //! quantization (relative error about 1/254 of the block's largest value).
 //!
 //! ## Packed layout ([`BlockMatrix`])
-//! GGUF interleaves each block's f16 scale with its quants, which costs the kernels a scalar
-//! load, widening and broadcast per block. At load the CPU backend splits every row into
-//! separate arrays (the same bytes, rearranged; `row_to_f32` gives back the file's values
-//! exactly):
-//! * the scales `d` (f16), and for Q4_1 the minimums `m` (f16), contiguous per row, so that 16
-//!   of them widen in one instruction and the offset terms become one FMA per 16 blocks;
-//! * Q8_0 quants stored as `q + 128` (unsigned), the operand `vpdpbusd` takes without a sign
-//!   trick (AVX-512 has no 512-bit `vpsignb`); the `128·Σ qx` this adds is removed like Q4_0's 8;
-//! * Q4 nibbles of blocks `2p` and `2p + 1` in one 32-byte group: byte `j` holds element `j` of
-//!   block `2p` in its low nibble and element `j` of block `2p + 1` in its high nibble, so that a
-//!   mask and a shift give both blocks in element order.
+//! GGUF stores a row's blocks one after another, each with its f16 scale. Dotting one row at a
+//! time costs a widening, a scale product and a horizontal sum per row, all float work around
+//! few integer products. At load the CPU backend instead interleaves groups of
+//! [`ROW_GROUP`] = 16 rows, block by block (the same bytes, rearranged; `row_to_f32` gives back
+//! the file's values exactly):
+//! * for block `b` of a group, the 16 rows' scales `d` (f16) side by side, and for Q4_1 their
+//!   minimums `m`: one widening gives a vector with one lane per row;
+//! * their quants as 8 vectors of 64 bytes, vector `k` holding elements `4k..4k+4` of the 16
+//!   rows (4 bytes per row). `vpdpbusd` against the activation's 4 bytes `4k..4k+4` broadcast
+//!   then sums each row's products in its own lane: after the 8 vectors, lane `i` holds row
+//!   `i`'s integer dot product for the block, and one convert and one FMA with the scales
+//!   finish 16 rows at once. No horizontal sums, and the float work is per block, not per pair.
+//! * Q8_0 quants are stored as `q + 128` (the unsigned operand `vpdpbusd` takes); the
+//!   `128·Σ qx` this adds is removed like Q4_0's 8. Q4 blocks keep the file's nibble bytes:
+//!   byte `j` has element `j` in its low nibble and `j + 16` in its high one, so vector `j`
+//!   (bytes `4j..4j+4` of each row) yields elements `4j..` under a mask and `16 + 4j..` under a
+//!   shift, which is vector `j + 4` of the scheme above.
 //!
-//! Rows are padded to an even number of blocks (zero scales, zero activations) so the kernels
-//! always take blocks in pairs.
+//! Rows are padded to a whole group with zero scales; their outputs are never written.
 
 use half::f16;
 
@@ -71,11 +76,11 @@ impl BlockFormat {
         }
     }
 
-    /// Bytes of quants per block in the packed layout.
-    fn quant_bytes(self) -> usize {
+    /// Bytes of quants of one block of a whole row group in the packed layout.
+    fn group_block_bytes(self) -> usize {
         match self {
-            BlockFormat::Q8_0 => QK,
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => QK / 2,
+            BlockFormat::Q8_0 => ROW_GROUP * QK,
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => ROW_GROUP * QK / 2,
         }
     }
 
@@ -90,107 +95,107 @@ impl BlockFormat {
     }
 }
 
+/// Rows interleaved in the packed layout (one 32-bit lane per row in a 512-bit vector).
+pub const ROW_GROUP: usize = 16;
+
 /// A `[rows, cols]` block-quantized matrix in the packed layout (see the module docs).
 #[derive(Debug, Clone)]
 pub struct BlockMatrix {
     pub format: BlockFormat,
     pub rows: usize,
     pub cols: usize,
-    /// Blocks per row, rounded up to even.
+    /// Blocks per row.
     blocks: usize,
-    /// f16 bits, `rows × blocks`.
+    /// f16 bits, `[group][block][16]`.
     scales: Vec<u16>,
-    /// Q4_1 minimums as f16 bits, `rows × blocks`; empty for the other formats.
+    /// Q4_1 minimums as f16 bits, `[group][block][16]`; empty for the other formats.
     minimums: Vec<u16>,
-    /// `rows × blocks × quant_bytes`.
+    /// `[group][block]` units of `format.group_block_bytes()`.
     quants: Vec<u8>,
-}
-
-/// One packed weight row.
-#[derive(Debug, Clone, Copy)]
-pub struct PackedRow<'a> {
-    pub scales: &'a [u16],
-    pub minimums: &'a [u16],
-    pub quants: &'a [u8],
 }
 
 impl BlockMatrix {
     /// Repacks GGUF blocks (`rows` rows of `cols / 32` blocks each, row after row).
     pub fn pack(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> BlockMatrix {
-        let file_blocks = cols / QK;
+        let blocks = cols / QK;
         let block_bytes = format.block_bytes();
-        assert!(cols.is_multiple_of(QK) && bytes.len() == rows * file_blocks * block_bytes, "packing: byte count does not match the shape");
-        let blocks = file_blocks.next_multiple_of(2);
-        let quant_bytes = format.quant_bytes();
-        let mut scales = vec![0u16; rows * blocks];
-        let mut minimums = if format == BlockFormat::Q4_1 { vec![0u16; rows * blocks] } else { Vec::new() };
-        // Pad quants: Q8_0 stores q + 128, so 0x80 is a zero weight; Q4 pads are zero nibbles.
+        assert!(cols.is_multiple_of(QK) && bytes.len() == rows * blocks * block_bytes, "packing: byte count does not match the shape");
+        let units = rows.div_ceil(ROW_GROUP) * blocks;
+        let unit_bytes = format.group_block_bytes();
+        let mut scales = vec![0u16; units * ROW_GROUP];
+        let mut minimums = if format == BlockFormat::Q4_1 { vec![0u16; units * ROW_GROUP] } else { Vec::new() };
+        // Pads: Q8_0 stores q + 128, so 0x80 is a zero weight; Q4 pads are zero nibbles (and
+        // every pad row has a zero scale anyway).
         let pad = if format == BlockFormat::Q8_0 { 0x80 } else { 0 };
-        let mut quants = vec![pad; rows * blocks * quant_bytes];
-        for (i, block) in bytes.chunks_exact(block_bytes).enumerate() {
-            let (r, b) = (i / file_blocks, i % file_blocks);
-            let at = r * blocks + b;
-            scales[at] = u16::from_le_bytes([block[0], block[1]]);
-            match format {
-                BlockFormat::Q8_0 => {
-                    for (q, &v) in quants[at * QK..(at + 1) * QK].iter_mut().zip(&block[2..]) {
-                        *q = v ^ 0x80;
-                    }
+        let mut quants = vec![pad; units * unit_bytes];
+        for (index, block) in bytes.chunks_exact(block_bytes).enumerate() {
+            let (row, b) = (index / blocks, index % blocks);
+            let (group, lane) = (row / ROW_GROUP, row % ROW_GROUP);
+            let unit = group * blocks + b;
+            scales[unit * ROW_GROUP + lane] = u16::from_le_bytes([block[0], block[1]]);
+            let unit_quants = &mut quants[unit * unit_bytes..(unit + 1) * unit_bytes];
+            // Vector k of the unit holds bytes 4k..4k+4 of every lane.
+            let (stored, flip): (&[u8], u8) = match format {
+                BlockFormat::Q8_0 => (&block[2..], 0x80),
+                BlockFormat::Q4_0 => (&block[2..], 0),
+                BlockFormat::Q4_1 => {
+                    minimums[unit * ROW_GROUP + lane] = u16::from_le_bytes([block[2], block[3]]);
+                    (&block[4..], 0)
                 }
-                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                    let nibbles = &block[block_bytes - QK / 2..];
-                    if format == BlockFormat::Q4_1 {
-                        minimums[at] = u16::from_le_bytes([block[2], block[3]]);
-                    }
-                    let group = &mut quants[(at - b % 2) * QK / 2..][..QK];
-                    let shift = 4 * (b % 2);
-                    for (j, &q) in nibbles.iter().enumerate() {
-                        group[j] |= (q & 0x0F) << shift;
-                        group[j + QK / 2] |= (q >> 4) << shift;
-                    }
+            };
+            for (k, four) in stored.chunks_exact(4).enumerate() {
+                for (m, &byte) in four.iter().enumerate() {
+                    unit_quants[k * 4 * ROW_GROUP + lane * 4 + m] = byte ^ flip;
                 }
             }
         }
         BlockMatrix { format, rows, cols, blocks, scales, minimums, quants }
     }
 
-    /// Blocks per row as the kernels see them (even; pads have zero scales).
-    pub fn padded_blocks(&self) -> usize {
-        self.blocks
+    /// Row groups (the last may be partly padding).
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(ROW_GROUP)
     }
 
-    pub fn row(&self, r: usize) -> PackedRow<'_> {
-        let b = self.blocks;
-        let q = b * self.format.quant_bytes();
-        PackedRow {
-            scales: &self.scales[r * b..(r + 1) * b],
-            minimums: if self.minimums.is_empty() { &[] } else { &self.minimums[r * b..(r + 1) * b] },
-            quants: &self.quants[r * q..(r + 1) * q],
+    fn unit(&self, row: usize, b: usize) -> usize {
+        (row / ROW_GROUP) * self.blocks + b
+    }
+
+    /// The stored f16 scale of block `b` of `row`.
+    fn scale(&self, row: usize, b: usize) -> f32 {
+        f16::from_bits(self.scales[self.unit(row, b) * ROW_GROUP + row % ROW_GROUP]).to_f32()
+    }
+
+    /// The Q4_1 minimum of block `b` of `row`.
+    fn minimum(&self, row: usize, b: usize) -> f32 {
+        f16::from_bits(self.minimums[self.unit(row, b) * ROW_GROUP + row % ROW_GROUP]).to_f32()
+    }
+
+    /// The integer of element `e` of block `b` of `row`: Q8_0's signed `q`, Q4's nibble.
+    fn quant(&self, row: usize, b: usize, e: usize) -> i32 {
+        let unit = &self.quants[self.unit(row, b) * self.format.group_block_bytes()..];
+        let lane = row % ROW_GROUP;
+        match self.format {
+            BlockFormat::Q8_0 => (unit[(e / 4) * 4 * ROW_GROUP + lane * 4 + e % 4] ^ 0x80) as i8 as i32,
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let j = e % (QK / 2);
+                let byte = unit[(j / 4) * 4 * ROW_GROUP + lane * 4 + j % 4];
+                (if e < QK / 2 { byte & 0x0F } else { byte >> 4 }) as i32
+            }
         }
     }
 
     /// Row `r` decoded to f32 into `out` (`cols` values): the file's values exactly, with
     /// ggml's arithmetic (`q·d`, `(q − 8)·d`, `q·d + m`).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let row = self.row(r);
         for (b, o) in out[..self.cols].chunks_exact_mut(QK).enumerate() {
-            let d = f16::from_bits(row.scales[b]).to_f32();
+            let d = self.scale(r, b);
             match self.format {
-                BlockFormat::Q8_0 => {
-                    for (v, &q) in o.iter_mut().zip(&row.quants[b * QK..(b + 1) * QK]) {
-                        *v = ((q ^ 0x80) as i8) as f32 * d;
-                    }
-                }
-                BlockFormat::Q4_0 => {
-                    for (j, v) in o.iter_mut().enumerate() {
-                        *v = (nibble(row.quants, b, j) as i32 - 8) as f32 * d;
-                    }
-                }
+                BlockFormat::Q8_0 => o.iter_mut().enumerate().for_each(|(e, v)| *v = self.quant(r, b, e) as f32 * d),
+                BlockFormat::Q4_0 => o.iter_mut().enumerate().for_each(|(e, v)| *v = (self.quant(r, b, e) - 8) as f32 * d),
                 BlockFormat::Q4_1 => {
-                    let m = f16::from_bits(row.minimums[b]).to_f32();
-                    for (j, v) in o.iter_mut().enumerate() {
-                        *v = nibble(row.quants, b, j) as f32 * d + m;
-                    }
+                    let m = self.minimum(r, b);
+                    o.iter_mut().enumerate().for_each(|(e, v)| *v = self.quant(r, b, e) as f32 * d + m);
                 }
             }
         }
@@ -201,18 +206,13 @@ impl BlockMatrix {
     }
 }
 
-/// Element `j` of block `b` in a packed Q4 row.
-fn nibble(quants: &[u8], b: usize, j: usize) -> u8 {
-    (quants[(b / 2) * QK + j] >> (4 * (b % 2))) & 0x0F
-}
-
 /// Which integer dot-product implementation runs (tests run every one the CPU has).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum QuantKernel {
     Scalar,
-    /// AVX2 `vpmaddubsw` + `vpmaddwd`, one block per 256-bit step.
+    /// AVX2 `vpmaddubsw` + `vpmaddwd`, a row group as two halves of 8 lanes.
     Avx2,
-    /// AVX-512 VNNI `vpdpbusd`, two blocks per 512-bit step.
+    /// AVX-512 VNNI `vpdpbusd`, a row group per 512-bit vector.
     Vnni,
 }
 
@@ -257,11 +257,11 @@ fn has_vnni() -> bool {
     }
 }
 
-/// Activation rows quantized to 8-bit blocks, padded like the weights to an even block count,
-/// kept as separate arrays so that the SIMD loops load contiguous bytes.
+/// Activation rows quantized to 8-bit blocks, kept as separate arrays so that the SIMD loops
+/// load contiguous bytes.
 #[derive(Debug, Clone, Default)]
 pub struct Q8Activations {
-    /// Blocks per row (even; pad blocks are zero).
+    /// Blocks per row.
     pub blocks: usize,
     /// Quantized values, row after row.
     pub qs: Vec<i8>,
@@ -276,12 +276,9 @@ impl Q8Activations {
     /// nearest, ties to even, as ggml's SIMD quantizers round).
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Q8Activations {
         assert!(cols.is_multiple_of(QK) && x.len() >= rows * cols, "activations must be whole blocks of 32");
-        let file_blocks = cols / QK;
-        let blocks = file_blocks.next_multiple_of(2);
-        let mut out =
-            Q8Activations { blocks, qs: vec![0; rows * blocks * QK], scales: vec![0.0; rows * blocks], scaled_sums: vec![0.0; rows * blocks] };
-        for (i, chunk) in x[..rows * cols].chunks_exact(QK).enumerate() {
-            let b = (i / file_blocks) * blocks + i % file_blocks;
+        let blocks = cols / QK;
+        let mut out = Q8Activations { blocks, qs: vec![0; rows * cols], scales: vec![0.0; rows * blocks], scaled_sums: vec![0.0; rows * blocks] };
+        for (b, chunk) in x[..rows * cols].chunks_exact(QK).enumerate() {
             let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
             let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -303,11 +300,7 @@ impl Q8Activations {
     /// Row `r` as the slices a dot product takes.
     pub fn row(&self, r: usize) -> Q8Row<'_> {
         let b = self.blocks;
-        Q8Row {
-            qs: &self.qs[r * b * QK..(r + 1) * b * QK],
-            scales: &self.scales[r * b..(r + 1) * b],
-            scaled_sums: &self.scaled_sums[r * b..(r + 1) * b],
-        }
+        Q8Row { qs: &self.qs[r * b * QK..(r + 1) * b * QK], scales: &self.scales[r * b..(r + 1) * b], scaled_sums: &self.scaled_sums[r * b..(r + 1) * b] }
     }
 }
 
@@ -319,236 +312,200 @@ pub struct Q8Row<'a> {
     pub scaled_sums: &'a [f32],
 }
 
-/// `out[i] = Σ_k w[first + i, k]·x[k]` for every `i < out.len()`: consecutive weight rows of
-/// `weights` against one activation row of the same width.
-pub fn dot_rows(kernel: QuantKernel, weights: &BlockMatrix, first: usize, x: Q8Row<'_>, out: &mut [f32]) {
-    let blocks = weights.blocks;
-    assert!(
-        first + out.len() <= weights.rows && x.scales.len() == blocks && x.qs.len() == blocks * QK && x.scaled_sums.len() == blocks,
-        "quantized dot operands disagree in length"
-    );
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: kernels other than Scalar are only chosen when their features were detected
-        // (QuantKernel::for_level / all_supported); every packed row and the activation row hold
-        // `blocks` (even) blocks, checked above and by construction.
-        QuantKernel::Avx2 => unsafe { x86::dot_rows_avx2(weights, first, x, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        QuantKernel::Vnni => unsafe { x86::dot_rows_vnni::<1>(weights, first, out.len(), [x], &mut [out]) },
-        _ => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = scalar::dot(weights.format, weights.row(first + i), x);
-            }
-        }
-    }
-}
-
-/// Rows of activations `dot_rows4` takes at once.
+/// Activation rows the prefill path hands the kernels at once (each unpacked weight vector then
+/// meets four rows).
 pub const ROWS_AT_ONCE: usize = 4;
 
-/// [`dot_rows`] for four activation rows at once (`out[t][i]` for row `x[t]`), with AVX-512
-/// VNNI: each weight block is unpacked once for the four. `None` when this CPU or `kernel`
-/// lacks VNNI (callers then take another path).
-pub fn dot_rows4(kernel: QuantKernel, weights: &BlockMatrix, first: usize, count: usize, x: [Q8Row<'_>; ROWS_AT_ONCE], out: &mut [&mut [f32]; ROWS_AT_ONCE]) -> Option<()> {
+/// `out[t][i] = Σ_k w[groups.start·16 + i, k] · x_t[k]` for the rows of the row groups
+/// `groups` (padding rows excluded: `out[t]` holds exactly the real rows) and each of the `T`
+/// activation rows.
+pub fn dot_groups<const T: usize>(kernel: QuantKernel, weights: &BlockMatrix, groups: std::ops::Range<usize>, x: [Q8Row<'_>; T], out: &mut [&mut [f32]; T]) {
     let blocks = weights.blocks;
+    let real_rows = (groups.end * ROW_GROUP).min(weights.rows).saturating_sub(groups.start * ROW_GROUP);
     assert!(
-        first + count <= weights.rows
+        groups.start <= groups.end
+            && groups.end <= weights.groups()
             && x.iter().all(|r| r.scales.len() == blocks && r.qs.len() == blocks * QK && r.scaled_sums.len() == blocks)
-            && out.iter().all(|o| o.len() >= count),
+            && out.iter().all(|o| o.len() == real_rows),
         "quantized dot operands disagree in length"
     );
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Vnni is only chosen when its features were detected; lengths checked above.
-        QuantKernel::Vnni => {
-            unsafe { x86::dot_rows_vnni::<ROWS_AT_ONCE>(weights, first, count, x, out) };
-            Some(())
+    for g in groups.clone() {
+        let lanes: [[f32; ROW_GROUP]; T] = match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: kernels other than Scalar are only chosen when their features were
+            // detected (QuantKernel::for_level / all_supported); `g` is a group of `weights` and
+            // every activation row holds `weights.blocks` blocks (checked above).
+            QuantKernel::Vnni => unsafe { x86::group_vnni(weights, g, &x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            QuantKernel::Avx2 => unsafe { x86::group_avx2(weights, g, &x) },
+            _ => std::array::from_fn(|t| scalar::group(weights, g, x[t])),
+        };
+        let first = (g - groups.start) * ROW_GROUP;
+        let count = ROW_GROUP.min(real_rows - first);
+        for (o, lane) in out.iter_mut().zip(&lanes) {
+            o[first..first + count].copy_from_slice(&lane[..count]);
         }
-        _ => None,
     }
 }
 
 /// Σ w_i x_i for row `r` of `weights` and one activation row of the same width.
 pub fn dot(kernel: QuantKernel, weights: &BlockMatrix, r: usize, x: Q8Row<'_>) -> f32 {
-    let mut out = [0.0f32];
-    dot_rows(kernel, weights, r, x, &mut out);
-    out[0]
+    let group = r / ROW_GROUP;
+    let real = (weights.rows - group * ROW_GROUP).min(ROW_GROUP);
+    let mut lanes = [0.0f32; ROW_GROUP];
+    dot_groups(kernel, weights, group..group + 1, [x], &mut [&mut lanes[..real]]);
+    lanes[r % ROW_GROUP]
 }
 
 pub mod scalar {
     //! The reference: integer sums per block of the stored values, scaled in f32.
     use super::*;
 
-    pub fn dot(format: BlockFormat, w: PackedRow<'_>, x: Q8Row<'_>) -> f32 {
-        let mut total = 0.0f32;
-        for b in 0..x.scales.len() {
-            let xq = &x.qs[b * QK..(b + 1) * QK];
-            let d = f16::from_bits(w.scales[b]).to_f32();
-            let dx = x.scales[b];
-            total += match format {
-                BlockFormat::Q8_0 => {
-                    let quants = &w.quants[b * QK..(b + 1) * QK];
-                    let sum: i32 = quants.iter().zip(xq).map(|(&u, &v)| ((u ^ 0x80) as i8) as i32 * v as i32).sum();
-                    d * dx * sum as f32
-                }
-                BlockFormat::Q4_0 => d * dx * nibble_sum(w.quants, b, xq) as f32 - 8.0 * d * x.scaled_sums[b],
-                BlockFormat::Q4_1 => d * dx * nibble_sum(w.quants, b, xq) as f32 + f16::from_bits(w.minimums[b]).to_f32() * x.scaled_sums[b],
-            };
-        }
-        total
-    }
-
-    fn nibble_sum(quants: &[u8], b: usize, xq: &[i8]) -> i32 {
-        xq.iter().enumerate().map(|(j, &v)| nibble(quants, b, j) as i32 * v as i32).sum()
+    /// The 16 rows of group `g` (padding rows give 0).
+    pub fn group(w: &BlockMatrix, g: usize, x: Q8Row<'_>) -> [f32; ROW_GROUP] {
+        std::array::from_fn(|lane| {
+            let row = g * ROW_GROUP + lane;
+            if row >= w.rows {
+                return 0.0;
+            }
+            let mut total = 0.0f32;
+            for b in 0..w.blocks {
+                let xq = &x.qs[b * QK..(b + 1) * QK];
+                let sum: i32 = xq.iter().enumerate().map(|(e, &v)| w.quant(row, b, e) * v as i32).sum();
+                let d = w.scale(row, b);
+                total += d * x.scales[b] * sum as f32
+                    + match w.format {
+                        BlockFormat::Q8_0 => 0.0,
+                        BlockFormat::Q4_0 => -8.0 * d * x.scaled_sums[b],
+                        BlockFormat::Q4_1 => w.minimum(row, b) * x.scaled_sums[b],
+                    };
+            }
+            total
+        })
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The SIMD kernels on the packed layout, blocks in pairs. The block format is matched
-    //! outside the loops, so each arm compiles to its own loop.
+    //! The SIMD kernels on the packed layout: one row group per call, every activation row.
     use std::arch::x86_64::*;
 
-    use super::{BlockFormat, BlockMatrix, PackedRow, Q8Row, QK};
+    use super::{BlockFormat, BlockMatrix, Q8Row, QK, ROW_GROUP};
 
-    /// `out[t][i] = Σ_k w[first + i, k]·x_t[k]` for `i < count` and each of the `T` activation
-    /// rows: the weights of a pair of blocks are unpacked once and meet every activation row
-    /// (`T = 1` for decode, 4 for prefill, where the reuse saves the unpacking and the scale
-    /// widening per token).
-    ///
-    /// Safety: AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C must be present; rows `first..first +
-    /// count` of `weights` and every `x_t` hold the same even number of blocks; every `out[t]`
-    /// holds at least `count` values.
+    /// Safety: AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C must be present; `g` is a row group of
+    /// `w`, and every `x[t]` holds `w.blocks` blocks.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dot_rows_vnni<const T: usize>(weights: &BlockMatrix, first: usize, count: usize, x: [Q8Row<'_>; T], out: &mut [&mut [f32]; T]) {
-        let format = weights.format;
-        let blocks = x[0].scales.len();
-        // `$weights` gives the 64 unsigned bytes of blocks `$b`, `$b + 1` of row `$w`.
-        macro_rules! rows {
-            (|$w:ident, $b:ident| $weights:expr) => {{
-                let two = _mm512_set1_epi32(2);
-                // Picks the scale of a pair's first block for lanes 0-7, its second for 8-15.
-                let first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-                let factor = _mm512_set1_ps(format.offset_factor());
-                for i in 0..count {
-                    let $w: PackedRow<'_> = weights.row(first + i);
-                    // Two accumulators per activation row, alternating by pair, hide the FMA latency.
-                    let mut acc0 = [_mm512_setzero_ps(); T];
-                    let mut acc1 = [_mm512_setzero_ps(); T];
-                    let mut offsets = [_mm512_setzero_ps(); T];
-                    let mut chunk = 0;
-                    while chunk < blocks {
-                        // Sixteen blocks' scales at a time: one widening, and per activation row
-                        // one scale product and one offset FMA.
-                        let n = (blocks - chunk).min(16);
-                        let mask: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
-                        let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, $w.scales.as_ptr().add(chunk) as *const i16));
-                        let offset_scale = if format == BlockFormat::Q4_1 {
-                            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, $w.minimums.as_ptr().add(chunk) as *const i16))
-                        } else {
-                            d
-                        };
-                        let mut scale = [_mm512_setzero_ps(); T];
-                        for t in 0..T {
-                            let sums = _mm512_maskz_loadu_ps(mask, x[t].scaled_sums.as_ptr().add(chunk));
-                            offsets[t] = _mm512_fmadd_ps(offset_scale, sums, offsets[t]);
-                            scale[t] = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(mask, x[t].scales.as_ptr().add(chunk)));
-                        }
-                        let mut index = first_pair;
-                        let mut p = 0;
-                        while p < n {
-                            let $b = chunk + p;
-                            let u = $weights;
-                            for t in 0..T {
-                                let xv = _mm512_loadu_si512(x[t].qs.as_ptr().add($b * QK) as *const __m512i);
-                                let products = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
-                                let pair_scale = _mm512_permutexvar_ps(index, scale[t]);
-                                acc0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(products), pair_scale, acc0[t]);
-                            }
-                            std::mem::swap(&mut acc0, &mut acc1);
-                            index = _mm512_add_epi32(index, two);
-                            p += 2;
-                        }
-                        chunk += 16;
-                    }
+    pub unsafe fn group_vnni<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T]) -> [[f32; ROW_GROUP]; T] {
+        let format = w.format;
+        let unit_bytes = format.group_block_bytes();
+        let mut sums = [_mm512_setzero_ps(); T];
+        let mut offsets = [_mm512_setzero_ps(); T];
+        // `$load(k)` gives weight vector k (elements 4k..4k+4 of the 16 rows, unsigned bytes).
+        macro_rules! blocks {
+            (|$unit:ident| $vectors:expr) => {{
+                for b in 0..w.blocks {
+                    let unit = g * w.blocks + b;
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(w.scales.as_ptr().add(unit * ROW_GROUP) as *const __m256i));
+                    let offset_scale = if format == BlockFormat::Q4_1 {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(w.minimums.as_ptr().add(unit * ROW_GROUP) as *const __m256i))
+                    } else {
+                        d
+                    };
+                    let $unit = w.quants.as_ptr().add(unit * unit_bytes);
+                    let vectors: [__m512i; 8] = $vectors;
                     for t in 0..T {
-                        // One reduction per output: the offset terms join the products first.
-                        let total = _mm512_fmadd_ps(offsets[t], factor, _mm512_add_ps(acc0[t], acc1[t]));
-                        *out[t].get_unchecked_mut(i) = _mm512_reduce_add_ps(total);
+                        // Four activation bytes at a time, broadcast to every row's lane.
+                        let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
+                        // Two chains of four keep the vpdpbusd latency off the critical path.
+                        let mut even = _mm512_setzero_si512();
+                        let mut odd = _mm512_setzero_si512();
+                        for k in (0..8).step_by(2) {
+                            even = _mm512_dpbusd_epi32(even, vectors[k], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k))));
+                            odd = _mm512_dpbusd_epi32(odd, vectors[k + 1], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k + 1))));
+                        }
+                        let products = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+                        sums[t] = _mm512_fmadd_ps(products, _mm512_mul_ps(d, _mm512_set1_ps(*x[t].scales.get_unchecked(b))), sums[t]);
+                        offsets[t] = _mm512_fmadd_ps(offset_scale, _mm512_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[t]);
                     }
                 }
             }};
         }
         match format {
-            BlockFormat::Q8_0 => rows!(|w, b| _mm512_loadu_si512(w.quants.as_ptr().add(b * QK) as *const __m512i)),
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => rows!(|w, b| {
-                let raw = _mm256_loadu_si256(w.quants.as_ptr().add(b * QK / 2) as *const __m256i);
-                let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(raw), _mm256_srli_epi16::<4>(raw));
-                _mm512_and_si512(both, _mm512_set1_epi8(0x0F))
+            BlockFormat::Q8_0 => blocks!(|unit| std::array::from_fn(|k| _mm512_loadu_si512(unit.add(k * 64) as *const __m512i))),
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => blocks!(|unit| {
+                let low = _mm512_set1_epi8(0x0F);
+                let raw: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(unit.add(j * 64) as *const __m512i));
+                // Low nibbles are elements 4j.., high nibbles 16 + 4j.. (vector j + 4).
+                std::array::from_fn(|k| if k < 4 { _mm512_and_si512(raw[k], low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), low) })
             }),
         }
-    }
-
-    /// Safety: AVX2, FMA and F16C must be present; rows `first..first + out.len()` of `weights`
-    /// and `x` hold the same even number of blocks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows_avx2(weights: &BlockMatrix, first: usize, x: Q8Row<'_>, out: &mut [f32]) {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = dot_avx2(weights.format, weights.row(first + i), x);
+        let factor = _mm512_set1_ps(format.offset_factor());
+        let mut out = [[0.0f32; ROW_GROUP]; T];
+        for t in 0..T {
+            _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_fmadd_ps(offsets[t], factor, sums[t]));
         }
+        out
     }
 
-    /// Safety: as for `dot_rows_avx2`, for one row `w`.
+    /// Safety: AVX2, FMA and F16C must be present; `g` is a row group of `w`, and every `x[t]`
+    /// holds `w.blocks` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_avx2(format: BlockFormat, w: PackedRow<'_>, x: Q8Row<'_>) -> f32 {
+    pub unsafe fn group_avx2<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T]) -> [[f32; ROW_GROUP]; T] {
+        let format = w.format;
+        let unit_bytes = format.group_block_bytes();
         let ones = _mm256_set1_epi16(1);
-        // Eight i32 sums of u·s (u unsigned, s signed bytes; pairs of products must fit i16).
-        let products = |u: __m256i, s: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones);
-        let blocks = x.scales.len();
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut offsets = _mm_setzero_ps();
-        let mut b = 0;
-        while b < blocks {
-            let d = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(w.scales.as_ptr().add(b) as *const i32)));
-            let dx = _mm_castpd_ps(_mm_load_sd(x.scales.as_ptr().add(b) as *const f64));
-            let sums = _mm_castpd_ps(_mm_load_sd(x.scaled_sums.as_ptr().add(b) as *const f64));
-            let offset_scale = if format == BlockFormat::Q4_1 {
-                _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(w.minimums.as_ptr().add(b) as *const i32)))
-            } else {
-                d
-            };
-            offsets = _mm_fmadd_ps(offset_scale, sums, offsets);
-            let scale = _mm_mul_ps(d, dx);
-            let x0 = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK) as *const __m256i);
-            let x1 = _mm256_loadu_si256(x.qs.as_ptr().add((b + 1) * QK) as *const __m256i);
-            let (p0, p1) = match format {
-                BlockFormat::Q8_0 => {
-                    // 255·127·2 overflows vpmaddubsw's i16, so undo the +128 and use
-                    // |w| · (x with w's sign) instead.
-                    let flip = _mm256_set1_epi8(-128);
-                    let w0 = _mm256_xor_si256(_mm256_loadu_si256(w.quants.as_ptr().add(b * QK) as *const __m256i), flip);
-                    let w1 = _mm256_xor_si256(_mm256_loadu_si256(w.quants.as_ptr().add((b + 1) * QK) as *const __m256i), flip);
-                    (products(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)), products(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1)))
+        let low = _mm256_set1_epi8(0x0F);
+        let flip = _mm256_set1_epi8(-128);
+        let mut out = [[0.0f32; ROW_GROUP]; T];
+        // The group as two halves of 8 rows (32 bytes of every 64-byte vector).
+        for half in 0..2 {
+            let mut sums = [_mm256_setzero_ps(); T];
+            let mut offsets = [_mm256_setzero_ps(); T];
+            for b in 0..w.blocks {
+                let unit = g * w.blocks + b;
+                let lanes = unit * ROW_GROUP + half * 8;
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.scales.as_ptr().add(lanes) as *const __m128i));
+                let offset_scale =
+                    if format == BlockFormat::Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(w.minimums.as_ptr().add(lanes) as *const __m128i)) } else { d };
+                let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
+                let vectors: [__m256i; 8] = match format {
+                    // Back to signed weights: 255·127·2 would overflow vpmaddubsw's i16.
+                    BlockFormat::Q8_0 => std::array::from_fn(|k| _mm256_xor_si256(_mm256_loadu_si256(base.add(k * 64) as *const __m256i), flip)),
+                    BlockFormat::Q4_0 | BlockFormat::Q4_1 => std::array::from_fn(|k| {
+                        let raw = _mm256_loadu_si256(base.add((k % 4) * 64) as *const __m256i);
+                        if k < 4 {
+                            _mm256_and_si256(raw, low)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low)
+                        }
+                    }),
+                };
+                for t in 0..T {
+                    let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
+                    let mut acc = _mm256_setzero_si256();
+                    for (k, &v) in vectors.iter().enumerate() {
+                        let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(k)));
+                        let pairs = if format == BlockFormat::Q8_0 {
+                            // |w| · (x with w's sign): the unsigned × signed form vpmaddubsw takes.
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
+                        } else {
+                            _mm256_maddubs_epi16(v, xv)
+                        };
+                        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+                    }
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x[t].scales.get_unchecked(b)));
+                    sums[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, sums[t]);
+                    offsets[t] = _mm256_fmadd_ps(offset_scale, _mm256_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[t]);
                 }
-                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                    let raw = _mm256_loadu_si256(w.quants.as_ptr().add(b * QK / 2) as *const __m256i);
-                    let low = _mm256_set1_epi8(0x0F);
-                    (products(_mm256_and_si256(raw, low), x0), products(_mm256_and_si256(_mm256_srli_epi16::<4>(raw), low), x1))
-                }
-            };
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcastss_ps(scale), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcastss_ps(_mm_movehdup_ps(scale)), acc1);
-            b += 2;
+            }
+            // Q8_0 was turned back into signed weights above: nothing to remove.
+            let factor = _mm256_set1_ps(if format == BlockFormat::Q8_0 { 0.0 } else { format.offset_factor() });
+            for t in 0..T {
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), _mm256_fmadd_ps(offsets[t], factor, sums[t]));
+            }
         }
-        let v = _mm256_add_ps(acc0, acc1);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        // Q8_0 was turned back into signed weights above: nothing to remove.
-        let factor = if format == BlockFormat::Q8_0 { 0.0 } else { format.offset_factor() };
-        _mm_cvtss_f32(s) + factor * _mm_cvtss_f32(_mm_add_ss(offsets, _mm_movehdup_ps(offsets)))
+        out
     }
 }
 
@@ -567,18 +524,18 @@ mod tests {
 
     #[test]
     fn packing_keeps_the_file_values_exactly() {
-        for &blocks in &[1usize, 2, 3, 17, 18] {
-            let (rows, cols) = (3, blocks * QK);
+        // 3 and 21 rows: a partial group; 32: two whole groups.
+        for &(rows, blocks) in &[(3usize, 1usize), (21, 3), (32, 18)] {
+            let cols = blocks * QK;
             let values = random(rows * cols, blocks as u64);
             for format in FORMATS {
                 let bytes = quantize(format.ggml(), &values).unwrap();
                 let packed = BlockMatrix::pack(format, rows, cols, &bytes);
-                assert_eq!(packed.padded_blocks(), blocks.next_multiple_of(2));
                 let expected = dequantize(format.ggml(), &bytes, rows * cols).unwrap();
                 let mut row = vec![f32::NAN; cols];
                 for r in 0..rows {
                     packed.row_to_f32(r, &mut row);
-                    assert_eq!(row, expected[r * cols..(r + 1) * cols], "{format:?} {blocks} blocks, row {r}");
+                    assert_eq!(row, expected[r * cols..(r + 1) * cols], "{format:?} {rows}x{blocks} blocks, row {r}");
                 }
             }
         }
@@ -586,32 +543,50 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_the_scalar_reference_and_the_float_product() {
-        // Odd counts exercise the pad block, 33 and 48 the partial and whole 16-block chunks.
-        for &blocks in &[1usize, 2, 3, 17, 18, 33, 48] {
-            let (rows, cols) = (2, blocks * QK);
+        for &(rows, blocks) in &[(1usize, 1usize), (5, 2), (16, 3), (21, 17), (37, 18)] {
+            let cols = blocks * QK;
             let w = random(rows * cols, blocks as u64);
-            let mut x = random(cols, 100 + blocks as u64);
+            let x: Vec<f32> = (0..ROWS_AT_ONCE).flat_map(|t| random(cols, 100 + (blocks * 7 + t) as u64)).collect();
+            let mut x = x;
             x[5] = 0.0;
             if blocks > 1 {
                 x[QK..2 * QK].fill(0.0); // an all-zero block
             }
-            let activations = Q8Activations::quantize(&x, 1, cols);
+            let activations = Q8Activations::quantize(&x, ROWS_AT_ONCE, cols);
+            let groups = rows.div_ceil(ROW_GROUP);
             for format in FORMATS {
                 let bytes = quantize(format.ggml(), &w).unwrap();
                 let packed = BlockMatrix::pack(format, rows, cols, &bytes);
                 let dequantized = dequantize(format.ggml(), &bytes, rows * cols).unwrap();
-                for r in 0..rows {
-                    let weights_row = &dequantized[r * cols..(r + 1) * cols];
-                    let exact: f64 = weights_row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let magnitude: f64 = weights_row.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
-                    let reference = scalar::dot(format, packed.row(r), activations.row(0));
-                    // The activation's 8-bit rounding bounds the gap to the float product.
-                    assert!((reference as f64 - exact).abs() <= 0.02 * magnitude + 1e-4, "{format:?} {blocks}: {reference} vs {exact}");
-                    for kernel in QuantKernel::all_supported() {
-                        let got = dot(kernel, &packed, r, activations.row(0));
-                        // Only f32 rounding differs (order of sums; Q8_0's +128 removed afterwards).
-                        let tolerance = 1e-5 * magnitude as f32 + 1e-6;
-                        assert!((got - reference).abs() <= tolerance, "{format:?} {kernel} {blocks}: {got} vs {reference}");
+                let x_rows: [Q8Row; ROWS_AT_ONCE] = std::array::from_fn(|t| activations.row(t));
+                for kernel in QuantKernel::all_supported() {
+                    // Four rows at once, and one row at a time, over every group.
+                    let mut four = vec![vec![f32::NAN; rows]; ROWS_AT_ONCE];
+                    {
+                        let mut outs: [&mut [f32]; ROWS_AT_ONCE] = {
+                            let mut it = four.iter_mut();
+                            std::array::from_fn(|_| it.next().unwrap().as_mut_slice())
+                        };
+                        dot_groups(kernel, &packed, 0..groups, x_rows, &mut outs);
+                    }
+                    for (t, four_row) in four.iter().enumerate() {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let mut one = vec![f32::NAN; rows];
+                        dot_groups(kernel, &packed, 0..groups, [activations.row(t)], &mut [&mut one[..]]);
+                        for r in 0..rows {
+                            let weights_row = &dequantized[r * cols..(r + 1) * cols];
+                            let exact: f64 = weights_row.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            let magnitude: f64 = weights_row.iter().zip(xt).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                            let reference = scalar::group(&packed, r / ROW_GROUP, activations.row(t))[r % ROW_GROUP];
+                            // The activation's 8-bit rounding bounds the gap to the float product.
+                            assert!((reference as f64 - exact).abs() <= 0.02 * magnitude + 1e-4, "{format:?} {rows}x{blocks}: {reference} vs {exact}");
+                            // Only f32 rounding differs (order of sums; Q8_0's +128 removed afterwards).
+                            let tolerance = 1e-5 * magnitude as f32 + 1e-6;
+                            for (name, got) in [("one row", one[r]), ("four rows", four_row[r])] {
+                                assert!((got - reference).abs() <= tolerance, "{format:?} {kernel} {name} {rows}x{blocks} row {r}: {got} vs {reference}");
+                            }
+                            assert_eq!(dot(kernel, &packed, r, activations.row(t)), one[r], "{format:?} {kernel}: dot of one row");
+                        }
                     }
                 }
             }
@@ -631,7 +606,7 @@ mod tests {
         let packed = BlockMatrix::pack(BlockFormat::Q8_0, 1, cols, &bytes);
         let x: Vec<f32> = (0..cols).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
         let activations = Q8Activations::quantize(&x, 1, cols);
-        let reference = scalar::dot(BlockFormat::Q8_0, packed.row(0), activations.row(0));
+        let reference = scalar::group(&packed, 0, activations.row(0))[0];
         let exact: f32 = (0..cols).map(|i| 0.5 * if i % 2 == 0 { -128.0 } else { 127.0 } * x[i]).sum();
         assert!((reference - exact).abs() < 1e-3, "{reference} vs {exact}");
         for kernel in QuantKernel::all_supported() {
@@ -640,10 +615,10 @@ mod tests {
     }
 
     #[test]
-    fn activation_rows_are_quantized_per_block_and_padded() {
+    fn activation_rows_are_quantized_per_block() {
         let x = random(3 * 96, 9);
         let a = Q8Activations::quantize(&x, 3, 96);
-        assert_eq!(a.blocks, 4);
+        assert_eq!(a.blocks, 3);
         for r in 0..3 {
             let row = a.row(r);
             for b in 0..3 {
@@ -652,10 +627,12 @@ mod tests {
                 assert_eq!(row.scales[b], amax / 127.0);
                 let q = &row.qs[b * QK..(b + 1) * QK];
                 assert!(q.iter().any(|&v| v.unsigned_abs() == 127));
+                for (&v, &xv) in q.iter().zip(chunk) {
+                    assert!((v as f32 - xv / row.scales[b]).abs() <= 0.5 + 1e-4, "rounded to nearest");
+                }
                 let sum: i32 = q.iter().map(|&v| v as i32).sum();
                 assert_eq!(row.scaled_sums[b], row.scales[b] * sum as f32);
             }
-            assert!(row.qs[3 * QK..].iter().all(|&q| q == 0) && row.scales[3] == 0.0 && row.scaled_sums[3] == 0.0);
         }
     }
 }

@@ -1,8 +1,10 @@
-//! Criterion benches of the CPU kernels: each SIMD level of the dot products, and the matmul
-//! paths (GEMV for decode, gemm for prefill) at SmolLM2-135M's layer shapes.
+//! Criterion benches of the CPU kernels: each SIMD level of the dot products, each kernel of the
+//! block-quantized products (one activation row, four at once), and the matmul paths (GEMV for
+//! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use engram::backend::cpu::matmul::{matmul, CpuMatrix, WeightData};
+use engram::backend::cpu::quant::{self, BlockFormat, BlockMatrix, Q8Activations, QuantKernel, ROWS_AT_ONCE};
 use engram::backend::cpu::simd::{self, SimdLevel};
 
 fn random(n: usize, seed: u32) -> Vec<f32> {
@@ -22,6 +24,42 @@ fn dot_products(c: &mut Criterion) {
     group.finish();
 }
 
+/// gate|up of SmolLM2-135M, [3072, 576], as Q4_1 and Q8_0 blocks.
+fn quantized_matrices(n: usize, k: usize) -> Vec<(&'static str, BlockMatrix)> {
+    let w = random(n * k, 5);
+    [("q4_1", BlockFormat::Q4_1), ("q8_0", BlockFormat::Q8_0)]
+        .into_iter()
+        .map(|(name, format)| (name, BlockMatrix::pack(format, n, k, &engram::model::quant::quantize(format.ggml(), &w).unwrap())))
+        .collect()
+}
+
+fn quantized_products(c: &mut Criterion) {
+    let (n, k) = (3072, 576);
+    let x = random(ROWS_AT_ONCE * k, 6);
+    let activations = Q8Activations::quantize(&x, ROWS_AT_ONCE, k);
+    let mut group = c.benchmark_group("quantized_3072x576");
+    for (name, matrix) in quantized_matrices(n, k) {
+        for kernel in QuantKernel::all_supported() {
+            let groups = 0..matrix.groups();
+            let mut one = vec![0.0f32; n];
+            group.throughput(Throughput::Elements((n * k) as u64));
+            group.bench_function(BenchmarkId::new(format!("{name}/1row"), kernel), |bench| {
+                bench.iter(|| quant::dot_groups(kernel, &matrix, groups.clone(), [activations.row(0)], &mut [&mut one[..]]))
+            });
+            let mut four = vec![vec![0.0f32; n]; ROWS_AT_ONCE];
+            group.throughput(Throughput::Elements((ROWS_AT_ONCE * n * k) as u64));
+            group.bench_function(BenchmarkId::new(format!("{name}/4rows"), kernel), |bench| {
+                bench.iter(|| {
+                    let mut rows = four.iter_mut();
+                    let mut outs: [&mut [f32]; ROWS_AT_ONCE] = std::array::from_fn(|_| rows.next().unwrap().as_mut_slice());
+                    quant::dot_groups(kernel, &matrix, groups.clone(), std::array::from_fn(|t| activations.row(t)), &mut outs)
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn matmuls(c: &mut Criterion) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let level = SimdLevel::detect();
@@ -31,7 +69,10 @@ fn matmuls(c: &mut Criterion) {
     let matrices = [
         ("f32", CpuMatrix { rows: n, cols: k, data: WeightData::F32(w.clone()) }),
         ("bf16", CpuMatrix { rows: n, cols: k, data: WeightData::BF16(w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()) }),
-    ];
+    ]
+    .into_iter()
+    .chain(quantized_matrices(n, k).into_iter().map(|(name, m)| (name, CpuMatrix { rows: n, cols: k, data: WeightData::Quantized(m) })))
+    .collect::<Vec<_>>();
     let mut group = c.benchmark_group("matmul_3072x576");
     for rows in [1usize, 64] {
         let x = random(rows * k, 4);
@@ -46,5 +87,5 @@ fn matmuls(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, dot_products, matmuls);
+criterion_group!(benches, dot_products, quantized_products, matmuls);
 criterion_main!(benches);

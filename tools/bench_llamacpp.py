@@ -3,6 +3,11 @@
 
 Requirements: llama-cpp-python (builds llama.cpp from source; this script installs nothing):
     CMAKE_ARGS="-DGGML_NATIVE=ON" nice -n 10 /opt/refenv/bin/pip install llama-cpp-python
+On a machine whose VM does not grant AMX tile state (a native build then dies with a general
+protection fault in ggml_backend_amx_mul_mat), build the AVX-512 paths without AMX:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+      -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF \
+      -DGGML_AMX_INT8=OFF" pip install --no-cache-dir --force-reinstall llama-cpp-python
 and numpy is not needed. Run with the Python that has it, e.g. /opt/refenv/bin/python.
 
 Usage:

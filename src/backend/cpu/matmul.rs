@@ -1,10 +1,11 @@
 //! Weight matrices on the CPU and the product `x · Wᵀ`: GEMV for few rows, gemm for many.
 //!
 //! Decode (1..=GEMV_MAX_ROWS rows) is memory-bound: each thread streams disjoint weight rows
-//! once and dots them with every input row; block-quantized rows meet the input quantized to
-//! 8 bits once per product (see `quant`). Prefill is compute-bound: the `gemm` crate's packed,
-//! register-blocked f32 kernels, with 16-bit and quantized weights widened chunk by chunk into
-//! scratch.
+//! once and dots them with every input row. Prefill is compute-bound: the `gemm` crate's packed,
+//! register-blocked f32 kernels, with 16-bit weights widened chunk by chunk into scratch.
+//! Block-quantized weights take integer products in both (see `quant`): the input is quantized
+//! to 8 bits once per product and meets row groups of 16 weight rows, four input rows at a time
+//! in prefill (widened to f32 like the 16-bit types only on CPUs without AVX2).
 
 use rayon::prelude::*;
 
@@ -121,6 +122,11 @@ fn gemv_by_rows(threads: usize, rows: usize, n: usize, out: &mut [f32], fill: im
             (start, block)
         })
         .collect();
+    place_column_blocks(blocks, rows, n, out);
+}
+
+/// Copies column blocks `(first column, [rows, width] values)` into `out[rows, n]`.
+fn place_column_blocks(blocks: Vec<(usize, Vec<f32>)>, rows: usize, n: usize, out: &mut [f32]) {
     for (start, block) in blocks {
         let width = block.len() / rows;
         for r in 0..rows {
@@ -197,12 +203,7 @@ fn quantized_products(kernel: QuantKernel, threads: usize, x: &[f32], rows: usiz
             (start, block)
         })
         .collect();
-    for (start, block) in blocks {
-        let width = block.len() / rows;
-        for r in 0..rows {
-            out[r * n + start..r * n + start + width].copy_from_slice(&block[r * width..(r + 1) * width]);
-        }
-    }
+    place_column_blocks(blocks, rows, n, out);
 }
 
 /// A read-only strided view of an f32 matrix: element (i, j) is `data[i*row_stride + j*col_stride]`.

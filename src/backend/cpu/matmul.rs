@@ -68,13 +68,19 @@ impl CpuMatrix {
 
 /// `out[rows, w.rows] = x[rows, w.cols] · wᵀ`, using the calling rayon pool's threads.
 pub fn matmul(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
+    matmul_with_scratch(level, threads, x, rows, w, out, &mut Vec::new());
+}
+
+/// [`matmul`] widening 16-bit weights for prefill into `scratch` (grown as needed, kept by the
+/// caller between products).
+pub fn matmul_with_scratch(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() >= rows * k && out.len() >= rows * n, "matmul buffers too small");
     let (x, out) = (&x[..rows * k], &mut out[..rows * n]);
     if rows <= GEMV_MAX_ROWS {
         gemv(level, threads, x, rows, w, out);
     } else {
-        gemm_any(level, threads, x, rows, w, out);
+        gemm_any(level, threads, x, rows, w, out, scratch);
     }
 }
 
@@ -138,7 +144,7 @@ fn place_column_blocks(blocks: Vec<(usize, Vec<f32>)>, rows: usize, n: usize, ou
 /// Elements of 16-bit weights widened per gemm call (bounds the scratch to 16 MiB).
 const WIDEN_CHUNK_ELEMENTS: usize = 1 << 22;
 
-fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
+fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
     let (n, k) = (w.rows, w.cols);
     match &w.data {
         WeightData::F32(data) => gemm_f32(threads, x, rows, k, data, n, out, n, 0),
@@ -147,7 +153,9 @@ fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMat
         }
         WeightData::BF16(_) | WeightData::F16(_) | WeightData::Quantized(_) => {
             let chunk_rows = (WIDEN_CHUNK_ELEMENTS / k).clamp(1, n);
-            let mut scratch = vec![0.0f32; chunk_rows * k];
+            if scratch.len() < chunk_rows * k {
+                scratch.resize(chunk_rows * k, 0.0);
+            }
             let mut start = 0;
             while start < n {
                 let end = (start + chunk_rows).min(n);

@@ -23,6 +23,9 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     level: SimdLevel,
+    /// Where 16-bit weights are widened for prefill gemms, kept between calls: a fresh
+    /// allocation per product cost page faults and zeroing of up to 16 MiB each time.
+    widen_scratch: std::sync::Mutex<Vec<f32>>,
 }
 
 impl CpuBackend {
@@ -37,7 +40,7 @@ impl CpuBackend {
             .map_err(|e| Error::InvalidInput(format!("cannot start {threads} CPU threads: {e}")))?;
         let detected = SimdLevel::detect();
         let level = max_level.map_or(detected, |cap| detected.at_most(cap));
-        Ok(CpuBackend { pool, threads, level })
+        Ok(CpuBackend { pool, threads, level, widen_scratch: std::sync::Mutex::new(Vec::new()) })
     }
 
     pub fn threads(&self) -> usize {
@@ -177,7 +180,11 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &Vec<f32>, rows: usize, w: &CpuMatrix, out: &mut Vec<f32>) {
-        matmul::matmul(self.level, self.threads, x, rows, w, out);
+        // A product running beside another one on the same backend gets its own scratch.
+        match self.widen_scratch.try_lock() {
+            Ok(mut scratch) => matmul::matmul_with_scratch(self.level, self.threads, x, rows, w, out, &mut scratch),
+            Err(_) => matmul::matmul(self.level, self.threads, x, rows, w, out),
+        }
     }
 
     fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, dim: usize) {

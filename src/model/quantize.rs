@@ -94,12 +94,18 @@ mod tests {
     use super::*;
     use crate::model::gguf_model::testing::tiny_model;
 
+    /// The tiny random llama model written as `in.gguf` under `dir`.
+    fn tiny_gguf(dir: &std::path::Path) -> std::path::PathBuf {
+        let (metadata, tensors, _) = tiny_model("llama", false, false);
+        let input = dir.join("in.gguf");
+        write_gguf(&input, &metadata, &tensors).unwrap();
+        input
+    }
+
     #[test]
     fn matrices_are_requantized_and_everything_else_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let (metadata, tensors, _) = tiny_model("llama", false, false);
-        let input = dir.path().join("in.gguf");
-        write_gguf(&input, &metadata, &tensors).unwrap();
+        let input = tiny_gguf(dir.path());
         let output = dir.path().join("out.gguf");
         let summary = quantize_gguf(&input, &output, GgmlType::Q4_0, GgmlType::Q8_0, |_, _| {}).unwrap();
         let before = GgufFile::open(&input).unwrap();
@@ -139,9 +145,7 @@ mod tests {
         use crate::model::ModelFiles;
         use crate::{DType, Model, Session, SessionOptions};
         let dir = tempfile::tempdir().unwrap();
-        let (metadata, tensors, _) = tiny_model("llama", false, false);
-        let input = dir.path().join("in.gguf");
-        write_gguf(&input, &metadata, &tensors).unwrap();
+        let input = tiny_gguf(dir.path());
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
             let output = dir.path().join(format!("{ty}.gguf"));
             quantize_gguf(&input, &output, ty, ty, |_, _| {}).unwrap();

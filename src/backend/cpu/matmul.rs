@@ -93,46 +93,43 @@ fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix,
     let k = w.cols;
     match &w.data {
         WeightData::Quantized(blocks) => quantized_products(QuantKernel::for_level(level), threads, x, rows, blocks, out),
-        _ => gemv_by_rows(threads, rows, w.rows, out, |first, r, run| {
-            for (i, o) in run.iter_mut().enumerate() {
-                *o = w.dot_row(level, first + i, &x[r * k..(r + 1) * k]);
-            }
-        }),
+        _ => {
+            // Tiles of weight rows run against every input, so that a tile stays in L1 across
+            // the inputs.
+            const TILE_ROWS: usize = 32;
+            by_column_blocks(rows, w.rows, chunk_len(w.rows, threads), out, |start, block| {
+                let width = block.len() / rows;
+                for tile in (0..width).step_by(TILE_ROWS) {
+                    for r in 0..rows {
+                        let input = &x[r * k..(r + 1) * k];
+                        for i in tile..(tile + TILE_ROWS).min(width) {
+                            block[r * width + i] = w.dot_row(level, start + i, input);
+                        }
+                    }
+                }
+            })
+        }
     }
 }
 
-/// `out[r, j]` for `rows` input rows and `n` outputs, where `fill(first, r, run)` writes
-/// `out[r, first..first + run.len()]`; split over threads by output so that each task streams
-/// disjoint weight rows once.
-fn gemv_by_rows(threads: usize, rows: usize, n: usize, out: &mut [f32], fill: impl Fn(usize, usize, &mut [f32]) + Sync) {
-    let chunk = chunk_len(n, threads);
+/// `out[rows, n]` split over threads by output column, `chunk` columns per task, so that each
+/// task streams disjoint weight rows once: `fill(start, block)` writes the columns
+/// `start..start + width` as a `[rows, width]` block. With one row the block is `out`'s own run;
+/// with several, it is scratch copied into place afterwards.
+fn by_column_blocks(rows: usize, n: usize, chunk: usize, out: &mut [f32], fill: impl Fn(usize, &mut [f32]) + Sync) {
     if rows == 1 {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, run)| fill(c * chunk, 0, run));
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, run)| fill(c * chunk, run));
         return;
     }
-    // Several rows: each task runs tiles of its weight rows against every input (a tile stays in
-    // L1 across the inputs) and returns a column block, copied into place afterwards.
-    const TILE_ROWS: usize = 32;
     let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
         .into_par_iter()
         .map(|c| {
             let start = c * chunk;
-            let width = chunk.min(n - start);
-            let mut block = vec![0.0f32; rows * width];
-            for tile in (0..width).step_by(TILE_ROWS) {
-                let tile_end = (tile + TILE_ROWS).min(width);
-                for r in 0..rows {
-                    fill(start + tile, r, &mut block[r * width + tile..r * width + tile_end]);
-                }
-            }
+            let mut block = vec![0.0f32; rows * chunk.min(n - start)];
+            fill(start, &mut block);
             (start, block)
         })
         .collect();
-    place_column_blocks(blocks, rows, n, out);
-}
-
-/// Copies column blocks `(first column, [rows, width] values)` into `out[rows, n]`.
-fn place_column_blocks(blocks: Vec<(usize, Vec<f32>)>, rows: usize, n: usize, out: &mut [f32]) {
     for (start, block) in blocks {
         let width = block.len() / rows;
         for r in 0..rows {
@@ -174,44 +171,34 @@ fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMat
 /// at a time.
 fn quantized_products(kernel: QuantKernel, threads: usize, x: &[f32], rows: usize, w: &BlockMatrix, out: &mut [f32]) {
     const GROUP: usize = quant::ROWS_AT_ONCE;
-    let (n, groups) = (w.rows, w.groups());
     let activations = Q8Activations::quantize(x, rows, w.cols);
-    let chunk_groups = groups.div_ceil(threads * 4).max(1);
-    let chunk_rows = chunk_groups * ROW_GROUP;
-    if rows == 1 {
-        out.par_chunks_mut(chunk_rows).enumerate().for_each(|(c, run)| {
-            let first = c * chunk_groups;
-            quant::dot_groups(kernel, w, first..(first + chunk_groups).min(groups), [activations.row(0)], &mut [run]);
-        });
-        return;
-    }
-    // Several rows: each task fills a column block `[rows, width]`, copied into place afterwards.
-    let blocks: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(chunk_groups))
-        .into_par_iter()
-        .map(|c| {
-            let start = c * chunk_rows;
-            let width = chunk_rows.min(n - start);
-            let mut block = vec![0.0f32; rows * width];
-            for g in c * chunk_groups..((c + 1) * chunk_groups).min(groups) {
-                let first = g * ROW_GROUP - start;
-                let count = ROW_GROUP.min(width - first);
-                let mut r = 0;
-                while r < rows {
-                    let take = if rows - r >= GROUP { GROUP } else { 1 };
-                    let mut runs = block[r * width..(r + take) * width].chunks_mut(width).map(|row| &mut row[first..first + count]);
-                    if take == GROUP {
-                        let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|_| runs.next().expect("four rows"));
-                        quant::dot_groups(kernel, w, g..g + 1, std::array::from_fn(|t| activations.row(r + t)), &mut outs);
-                    } else {
-                        quant::dot_groups(kernel, w, g..g + 1, [activations.row(r)], &mut [runs.next().expect("one row")]);
-                    }
-                    r += take;
+    // Tasks take whole row groups.
+    let chunk = w.groups().div_ceil(threads * 4).max(1) * ROW_GROUP;
+    // With several input rows each row group (16 weight rows) stays in L1 while they all pass;
+    // with one there is nothing to reuse, and a task's groups go in one call.
+    let tile_groups = if rows == 1 { usize::MAX } else { 1 };
+    by_column_blocks(rows, w.rows, chunk, out, |start, block| {
+        let width = block.len() / rows;
+        let (first_group, end_group) = (start / ROW_GROUP, (start + width).div_ceil(ROW_GROUP));
+        let mut g = first_group;
+        while g < end_group {
+            let tile_end = g.saturating_add(tile_groups).min(end_group);
+            let (first, last) = ((g - first_group) * ROW_GROUP, (tile_end * ROW_GROUP - start).min(width));
+            let mut r = 0;
+            while r < rows {
+                let take = if rows - r >= GROUP { GROUP } else { 1 };
+                let mut runs = block[r * width..(r + take) * width].chunks_mut(width).map(|row| &mut row[first..last]);
+                if take == GROUP {
+                    let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|_| runs.next().expect("four rows"));
+                    quant::dot_groups(kernel, w, g..tile_end, std::array::from_fn(|t| activations.row(r + t)), &mut outs);
+                } else {
+                    quant::dot_groups(kernel, w, g..tile_end, [activations.row(r)], &mut [runs.next().expect("one row")]);
                 }
+                r += take;
             }
-            (start, block)
-        })
-        .collect();
-    place_column_blocks(blocks, rows, n, out);
+            g = tile_end;
+        }
+    });
 }
 
 /// A read-only strided view of an f32 matrix: element (i, j) is `data[i*row_stride + j*col_stride]`.

@@ -37,7 +37,7 @@
 
 use half::f16;
 
-use crate::model::quant::{GgmlType, BLOCK_Q4_0_BYTES, BLOCK_Q4_1_BYTES, BLOCK_Q8_0_BYTES, QK};
+use crate::model::quant::{dequantize_blocks_into, GgmlType, BLOCK_Q4_0_BYTES, BLOCK_Q4_1_BYTES, BLOCK_Q8_0_BYTES, QK};
 
 use super::simd::SimdLevel;
 
@@ -185,19 +185,37 @@ impl BlockMatrix {
         }
     }
 
-    /// Row `r` decoded to f32 into `out` (`cols` values): the file's values exactly, with
-    /// ggml's arithmetic (`q·d`, `(q − 8)·d`, `q·d + m`).
-    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        for (b, o) in out[..self.cols].chunks_exact_mut(QK).enumerate() {
-            let d = self.scale(r, b);
-            match self.format {
-                BlockFormat::Q8_0 => o.iter_mut().enumerate().for_each(|(e, v)| *v = self.quant(r, b, e) as f32 * d),
-                BlockFormat::Q4_0 => o.iter_mut().enumerate().for_each(|(e, v)| *v = (self.quant(r, b, e) - 8) as f32 * d),
-                BlockFormat::Q4_1 => {
-                    let m = self.minimum(r, b);
-                    o.iter_mut().enumerate().for_each(|(e, v)| *v = self.quant(r, b, e) as f32 * d + m);
+    /// Block `b` of `row` reassembled as the file stored it (the first `format.block_bytes()`
+    /// bytes of the returned buffer): the inverse of [`BlockMatrix::pack`].
+    fn file_block(&self, row: usize, b: usize) -> [u8; BLOCK_Q8_0_BYTES] {
+        let mut block = [0u8; BLOCK_Q8_0_BYTES];
+        let at = self.unit(row, b) * ROW_GROUP + row % ROW_GROUP;
+        block[..2].copy_from_slice(&self.scales[at].to_le_bytes());
+        let quants = match self.format {
+            BlockFormat::Q8_0 => {
+                for (e, q) in block[2..].iter_mut().enumerate() {
+                    *q = self.quant(row, b, e) as i8 as u8;
                 }
+                return block;
             }
+            BlockFormat::Q4_0 => &mut block[2..BLOCK_Q4_0_BYTES],
+            BlockFormat::Q4_1 => {
+                block[2..4].copy_from_slice(&self.minimums[at].to_le_bytes());
+                &mut block[4..BLOCK_Q4_1_BYTES]
+            }
+        };
+        for (j, q) in quants.iter_mut().enumerate() {
+            *q = (self.quant(row, b, j) | self.quant(row, b, j + QK / 2) << 4) as u8;
+        }
+        block
+    }
+
+    /// Row `r` decoded to f32 into `out` (`cols` values): each block reassembled as the file
+    /// stored it and decoded by the same code as every GGUF block, so the values are the file's.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let block_bytes = self.format.block_bytes();
+        for (b, o) in out[..self.cols].chunks_exact_mut(QK).enumerate() {
+            dequantize_blocks_into(self.format.ggml(), &self.file_block(r, b)[..block_bytes], o);
         }
     }
 
@@ -347,15 +365,6 @@ pub fn dot_groups<const T: usize>(kernel: QuantKernel, weights: &BlockMatrix, gr
             o[first..first + count].copy_from_slice(&lane[..count]);
         }
     }
-}
-
-/// Σ w_i x_i for row `r` of `weights` and one activation row of the same width.
-pub fn dot(kernel: QuantKernel, weights: &BlockMatrix, r: usize, x: Q8Row<'_>) -> f32 {
-    let group = r / ROW_GROUP;
-    let real = (weights.rows - group * ROW_GROUP).min(ROW_GROUP);
-    let mut lanes = [0.0f32; ROW_GROUP];
-    dot_groups(kernel, weights, group..group + 1, [x], &mut [&mut lanes[..real]]);
-    lanes[r % ROW_GROUP]
 }
 
 pub mod scalar {
@@ -516,6 +525,15 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1];
+
+    /// Σ w_i x_i for row `r` of `weights` and one activation row of the same width.
+    fn dot(kernel: QuantKernel, weights: &BlockMatrix, r: usize, x: Q8Row<'_>) -> f32 {
+        let group = r / ROW_GROUP;
+        let real = (weights.rows - group * ROW_GROUP).min(ROW_GROUP);
+        let mut lanes = [0.0f32; ROW_GROUP];
+        dot_groups(kernel, weights, group..group + 1, [x], &mut [&mut lanes[..real]]);
+        lanes[r % ROW_GROUP]
+    }
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

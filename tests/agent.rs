@@ -112,8 +112,8 @@ fn scoring_with_the_fork_matches_scoring_each_candidate_alone() {
 fn builtin_over_the_process_matches_in_process() {
     let mut process = ProcessEnv::new(EnvCommand { program: engram_path().into(), args: vec!["agent".into(), "env".into(), "builtin".into()] }, "builtin", std::time::Duration::from_secs(20));
     let mut local = BuiltinEnv::new();
-    let specs = schedule(&mut process, &[], "dev", 8).unwrap();
-    assert_eq!(specs, schedule(&mut local, &[], "dev", 8).unwrap());
+    let specs = schedule(&mut process, &[], "dev", 8).unwrap().episodes;
+    assert_eq!(specs, schedule(&mut local, &[], "dev", 8).unwrap().episodes);
     assert_eq!(specs.iter().map(|s| s.task.as_str()).collect::<Vec<_>>()[..4], ["clean", "cook", "laundry", "water"]);
     for spec in &specs {
         let a = run_episode(&mut process, spec, &mut GoldActor::new(0.0, 1), RunLimits::default()).unwrap();
@@ -139,6 +139,15 @@ fn environment_failures_end_the_episode_and_the_run_goes_on() {
         assert!(stderr.contains(expect) && stderr.contains("\"op\":\"step\"") && stderr.contains("--fault"), "{fault}: {stderr}");
         assert_eq!(lines(&out).len(), 4);
     }
+    // A variation the environment refuses to start is replaced by the task's next one, so the
+    // count holds (clean 1 and cook 1 become clean 2 and cook 2).
+    let out = dir.path().join("refused.jsonl");
+    let (ok, stdout, stderr) = output(engram_command().args(["agent", "collect", "--env", &builtin_cmd("--fault refuse-reset --fault-variation 1"), "--split", "train", "--episodes", "6", "--policy", "gold", "-o"]).arg(&out));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("wrote 6 episodes") && stdout.contains("2 variations refused"), "{stdout}");
+    assert!(stderr.contains("running variation 2 instead") && stderr.contains("fault injected"), "{stderr}");
+    let written: Vec<(String, u64)> = lines(&out).iter().map(|l| (l["task"].as_str().unwrap().to_string(), l["variation"].as_u64().unwrap())).collect();
+    assert!(written.contains(&("clean".into(), 2)) && written.contains(&("cook".into(), 2)) && !written.iter().any(|(_, v)| *v == 1), "{written:?}");
     // A hung environment started through a shell is stopped with everything the shell started.
     if let Ok(left) = Command::new("pgrep").args(["-f", "--", "--fault hang --fault-variation 1"]).output() {
         assert!(left.stdout.is_empty(), "hung environments left running: {}", String::from_utf8_lossy(&left.stdout));
@@ -212,11 +221,12 @@ fn eval_runs_all_conditions_and_refuses_what_the_bank_saw() {
     let bank = MemoryBank::read(&bank_path).unwrap();
     assert!(bank.memories.iter().all(|m| m.meta.sources.as_ref().is_some_and(|s| !s.is_empty() && s.iter().all(|x| x.split == "train"))));
     let (json, markdown) = (dir.path().join("eval.json"), dir.path().join("eval.md"));
-    let (stdout, _) = run_ok(
+    let (stdout, stderr) = run_ok(
         engram_command()
             .args(["agent", "eval", "-m"])
             .arg(model_dir.path())
-            .args(["--env", "builtin", "--split", "test", "--episodes", "4", "--conditions", "none,text,steer,both", "--memory"])
+            // Every task's first test variation (8) is refused: the run takes variation 9 instead.
+            .args(["--env", &builtin_cmd("--fault refuse-reset --fault-variation 8"), "--split", "test", "--episodes", "4", "--conditions", "none,text,steer,both", "--memory"])
             .arg(&bank_path)
             .args(["--memory-scale", "4", "--max-steps", "4", "--json"])
             .arg(&json)
@@ -242,7 +252,12 @@ fn eval_runs_all_conditions_and_refuses_what_the_bank_saw() {
     assert_eq!(report["comparisons"].as_array().unwrap().len(), 6);
     assert_eq!(report["results"].as_array().unwrap().len(), 16);
     assert_eq!(report["overlap_checked"], true);
+    assert_eq!(report["complete"], true);
+    assert_eq!(report["refused"].as_array().unwrap().len(), 4, "{}", report["refused"]);
     let results = report["results"].as_array().unwrap();
+    assert!(results.iter().all(|r| r["variation"] == 9), "replacements run");
+    // stderr is not a terminal here: progress comes as one line per episode and condition.
+    assert!(stderr.contains("16/16") && (0..=4).any(|k| stderr.contains(&format!("both {k}/4"))), "{stderr}");
     assert!(results.iter().filter(|r| r["condition"] != "none").all(|r| !r["retrieved"].as_array().unwrap().is_empty()), "memory conditions retrieve");
     assert!(results.iter().all(|r| r["steps"].as_u64().unwrap() <= 4));
     assert!(std::fs::read_to_string(&markdown).unwrap().contains("| condition |"));
@@ -336,7 +351,7 @@ fn default_model_plays_the_builtin_environment() {
     let Some(model_path) = require_model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
     let model = Model::load(CpuBackend::new(0, None).unwrap(), ModelFiles::open(&model_path).unwrap(), DType::F32, |_, _| {}).unwrap();
     let mut env = BuiltinEnv::new();
-    let specs = schedule(&mut env, &[], "test", 2).unwrap();
+    let specs = schedule(&mut env, &[], "test", 2).unwrap().episodes;
     let mut agent = Agent::new(&model, AgentOptions::default()).unwrap();
     for spec in &specs {
         let outcome = run_episode(&mut env, spec, &mut ModelActor { agent: &mut agent, workflow: None }, RunLimits { max_steps: 4, max_candidates: 64 }).unwrap();

@@ -346,6 +346,9 @@ pub enum Fault {
     Hang,
     /// The process answers a line that is not JSON.
     Garbage,
+    /// The `reset` of the variation is refused (`{"error"}`), as a generator that cannot build
+    /// some seeds does; the process stays usable.
+    RefuseReset,
 }
 
 impl std::str::FromStr for Fault {
@@ -355,13 +358,15 @@ impl std::str::FromStr for Fault {
             "crash" => Ok(Fault::Crash),
             "hang" => Ok(Fault::Hang),
             "garbage" => Ok(Fault::Garbage),
-            other => Err(format!("fault '{other}' (expected crash, hang or garbage)")),
+            "refuse-reset" => Ok(Fault::RefuseReset),
+            other => Err(format!("fault '{other}' (expected crash, hang, garbage or refuse-reset)")),
         }
     }
 }
 
 /// Serves the built-in environment over the protocol until `close` or the end of input. With
-/// `fault`, the first `step` of an episode of variation `fault_variation` misbehaves.
+/// `fault`, the first `step` of an episode of variation `fault_variation` misbehaves (or, for
+/// [`Fault::RefuseReset`], its `reset` is refused).
 pub fn serve(input: impl BufRead, mut output: impl Write, fault: Option<(Fault, u64)>) -> std::io::Result<()> {
     let mut env = BuiltinEnv::new();
     let mut variation = None;
@@ -377,6 +382,11 @@ pub fn serve(input: impl BufRead, mut output: impl Write, fault: Option<(Fault, 
                     variation = request.get("variation").and_then(Value::as_u64);
                 }
                 if let Some((kind, at)) = fault {
+                    if kind == Fault::RefuseReset && op == "reset" && variation == Some(at) {
+                        writeln!(output, "{}", json!({"error": format!("cannot generate variation {at} (fault injected)")}))?;
+                        output.flush()?;
+                        continue;
+                    }
                     if op == "step" && variation == Some(at) {
                         match kind {
                             Fault::Crash => std::process::exit(3),
@@ -388,6 +398,7 @@ pub fn serve(input: impl BufRead, mut output: impl Write, fault: Option<(Fault, 
                                 output.flush()?;
                                 continue;
                             }
+                            Fault::RefuseReset => {}
                         }
                     }
                 }

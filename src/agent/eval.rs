@@ -2,13 +2,13 @@
 //! per-condition summaries with intervals, the paired comparisons between conditions, the
 //! refusal of episodes a bank was distilled from, and the report as a table, JSON and markdown.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use serde::Serialize;
 
 use super::policy::Agent;
 use super::protocol::Environment;
-use super::runner::{run_episode, Actor, EpisodeEnd, EpisodeSpec, ModelActor, RunLimits, StepView};
+use super::runner::{run_episode, Actor, EpisodeEnd, EpisodeSpec, ModelActor, RunLimits, Schedule, StepView};
 use super::stats::{mcnemar_exact, mean_t_interval, paired_bootstrap_interval, wilson_interval, Z95};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -94,7 +94,7 @@ pub struct EpisodeResult {
     pub success: bool,
     pub score: f64,
     pub steps: usize,
-    /// success, failed, step-limit or env-error.
+    /// success, failed, step-limit, env-error or reset-refused.
     pub end: String,
     /// The environment's failure, for env-error.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,34 +145,57 @@ impl<B: Backend> Actor for MemoryActor<'_, '_, B> {
     }
 }
 
-/// Runs every episode of `specs` under every condition (episode by episode, so running rates
-/// stay comparable), calling `on_result` after each. Environment failures are results
-/// (end `env-error`); engine failures end the evaluation.
+/// What an evaluation ran: the episodes (after replacements), every (episode, condition)
+/// result in run order, and the episodes the environment refused to start.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    pub episodes: Vec<EpisodeSpec>,
+    pub results: Vec<EpisodeResult>,
+    /// Refused episodes with the environment's reason; each was replaced by its task's next
+    /// variation where the split had one.
+    pub refused: Vec<(EpisodeSpec, String)>,
+}
+
+/// Runs every episode of `schedule` under every condition (episode by episode, so running
+/// rates stay comparable), calling `on_result` after each. An episode the environment refuses
+/// to start is replaced by its task's next variation (not one the bank was distilled from).
+/// Other environment failures are results (end `env-error`); engine failures end the evaluation.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate<B: Backend>(
     agent: &mut Agent<'_, B>,
     env: &mut dyn Environment,
-    specs: &[EpisodeSpec],
+    schedule: &mut Schedule,
     conditions: &[Condition],
     bank: Option<&MemoryBank>,
     retrieval: &RetrievalOptions,
     limits: RunLimits,
     mut on_result: impl FnMut(&EpisodeResult),
-) -> Result<Vec<EpisodeResult>> {
+) -> Result<Evaluation> {
     if bank.is_none() {
         if let Some(c) = conditions.iter().find(|c| **c != Condition::None) {
             return Err(Error::InvalidInput(format!("condition '{}' needs a memory bank (--memory)", c.name())));
         }
     }
     let mut actor = MemoryActor { inner: ModelActor { agent, workflow: None }, bank, retrieval: retrieval.clone(), condition: Condition::None, cache: HashMap::new(), retrieved: Vec::new() };
-    let mut results = Vec::new();
-    for spec in specs {
-        for &condition in conditions {
+    let mut evaluation = Evaluation::default();
+    let mut queue: VecDeque<EpisodeSpec> = schedule.episodes.iter().cloned().collect();
+    'episodes: while let Some(spec) = queue.pop_front() {
+        for (k, &condition) in conditions.iter().enumerate() {
             actor.condition = condition;
             let (tokens, seconds) = (actor.inner.agent.tokens, actor.inner.agent.seconds);
-            let outcome = run_episode(env, spec, &mut actor, limits)?;
+            let outcome = run_episode(env, &spec, &mut actor, limits)?;
+            if let (0, EpisodeEnd::ResetRefused(reason)) = (k, &outcome.end) {
+                evaluation.refused.push((spec.clone(), reason.clone()));
+                while let Some(next) = schedule.replacement(&spec.task) {
+                    if bank.map_or(true, |bank| check_overlap(bank, std::slice::from_ref(&next)).is_ok()) {
+                        queue.push_front(next);
+                        break;
+                    }
+                }
+                continue 'episodes;
+            }
             let error = match &outcome.end {
-                EpisodeEnd::EnvError(reason) => Some(reason.clone()),
+                EpisodeEnd::EnvError(reason) | EpisodeEnd::ResetRefused(reason) => Some(reason.clone()),
                 _ => None,
             };
             let result = EpisodeResult {
@@ -191,10 +214,11 @@ pub fn evaluate<B: Backend>(
                 seconds: actor.inner.agent.seconds - seconds,
             };
             on_result(&result);
-            results.push(result);
+            evaluation.results.push(result);
         }
+        evaluation.episodes.push(spec);
     }
-    Ok(results)
+    Ok(evaluation)
 }
 
 /// One condition's summary.

@@ -38,28 +38,42 @@ impl EpisodeSpec {
     }
 }
 
+/// The episodes of a run: the first `count` of the split's order, and the rest of that order
+/// as spares, from which an episode the environment refuses to start is replaced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    pub episodes: Vec<EpisodeSpec>,
+    spares: Vec<EpisodeSpec>,
+}
+
+impl Schedule {
+    /// The next unused variation of `task` (removed from the spares), if any.
+    pub fn replacement(&mut self, task: &str) -> Option<EpisodeSpec> {
+        let index = self.spares.iter().position(|s| s.task == task)?;
+        Some(self.spares.remove(index))
+    }
+}
+
 /// The first `count` episodes of `split`: tasks in turn (the environment's order, or `tasks`
 /// when given), each task's variations in order, so a short run still covers every task.
-pub fn schedule(env: &mut dyn Environment, tasks: &[String], split: &str, count: usize) -> EnvResult<Vec<EpisodeSpec>> {
+pub fn schedule(env: &mut dyn Environment, tasks: &[String], split: &str, count: usize) -> EnvResult<Schedule> {
     let info = env.info()?;
     let tasks: Vec<String> = if tasks.is_empty() { info.tasks } else { tasks.to_vec() };
     let mut lists = Vec::new();
     for task in &tasks {
         lists.push(env.variations(task, split)?);
     }
-    let mut out = Vec::new();
+    let mut order = Vec::new();
     let longest = lists.iter().map(Vec::len).max().unwrap_or(0);
-    'fill: for round in 0..longest {
+    for round in 0..longest {
         for (task, variations) in tasks.iter().zip(&lists) {
-            if out.len() == count {
-                break 'fill;
-            }
             if let Some(&variation) = variations.get(round) {
-                out.push(EpisodeSpec { task: task.clone(), variation, split: split.to_string() });
+                order.push(EpisodeSpec { task: task.clone(), variation, split: split.to_string() });
             }
         }
     }
-    Ok(out)
+    let spares = order.split_off(count.min(order.len()));
+    Ok(Schedule { episodes: order, spares })
 }
 
 /// What an actor sees at a step.
@@ -179,8 +193,11 @@ pub enum EpisodeEnd {
     Failed,
     /// The runner's step limit was reached first.
     StepLimit,
-    /// The environment failed (crashed, hung, answered garbage, refused); the reason.
+    /// The environment failed (crashed, hung, answered garbage, refused a step); the reason.
     EnvError(String),
+    /// The environment refused to start this (task, variation): a run replaces it by the
+    /// task's next variation (see [`Schedule::replacement`]).
+    ResetRefused(String),
 }
 
 impl EpisodeEnd {
@@ -190,6 +207,7 @@ impl EpisodeEnd {
             EpisodeEnd::Failed => "failed",
             EpisodeEnd::StepLimit => "step-limit",
             EpisodeEnd::EnvError(_) => "env-error",
+            EpisodeEnd::ResetRefused(_) => "reset-refused",
         }
     }
 }
@@ -259,6 +277,10 @@ pub fn run_episode(env: &mut dyn Environment, spec: &EpisodeSpec, actor: &mut dy
     match drive(env, spec, actor, limits, &mut outcome) {
         Ok(()) => Ok(outcome),
         Err(Driven::Engine(e)) => Err(e),
+        Err(Driven::ResetRefused(e)) => {
+            outcome.end = EpisodeEnd::ResetRefused(e.to_string());
+            Ok(outcome)
+        }
         Err(Driven::Env(e)) => {
             outcome.success = false;
             outcome.end = EpisodeEnd::EnvError(e.to_string());
@@ -273,6 +295,8 @@ pub fn run_episode(env: &mut dyn Environment, spec: &EpisodeSpec, actor: &mut dy
 
 enum Driven {
     Env(EnvError),
+    /// The environment answered the reset with a refusal (the process is still usable).
+    ResetRefused(EnvError),
     Engine(Error),
 }
 
@@ -289,7 +313,10 @@ impl From<Error> for Driven {
 }
 
 fn drive(env: &mut dyn Environment, spec: &EpisodeSpec, actor: &mut dyn Actor, limits: RunLimits, outcome: &mut EpisodeOutcome) -> std::result::Result<(), Driven> {
-    let mut state: EnvState = env.reset(&spec.task, spec.variation, &spec.split)?;
+    let mut state: EnvState = env.reset(&spec.task, spec.variation, &spec.split).map_err(|e| match e {
+        EnvError::Refused { .. } => Driven::ResetRefused(e),
+        e => Driven::Env(e),
+    })?;
     outcome.instruction = state.instruction.clone();
     outcome.kind = state.kind.clone();
     let gold = if actor.wants_gold() { Some(env.gold()?) } else { None };

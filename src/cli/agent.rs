@@ -1,7 +1,7 @@
 //! `engram agent ...`: collect experiences from an environment, evaluate a model under memory
 //! conditions, and serve the built-in environment over the protocol (hidden, for the runner).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use engram::agent::builtin::{serve, Fault};
-use engram::agent::eval::{check_overlap, evaluate, markdown_tables, methods, parse_conditions, summarize, text_table, OverlapCheck};
+use engram::agent::eval::{check_overlap, evaluate, markdown_tables, methods, parse_conditions, summarize, text_table, Evaluation, OverlapCheck};
 use engram::agent::policy::{Agent, AgentOptions};
 use engram::agent::protocol::{env_command, Environment, ProcessEnv};
-use engram::agent::runner::{run_episode, schedule, Actor, EpisodeEnd, EpisodeSpec, GoldActor, ModelActor, RandomActor, RunLimits};
+use engram::agent::runner::{run_episode, schedule, Actor, EpisodeEnd, EpisodeSpec, GoldActor, ModelActor, RandomActor, RunLimits, Schedule};
 use engram::memory::apply::RetrievalOptions;
 use engram::steer::plan::parse_range;
 use serde_json::{json, Value};
@@ -89,15 +89,15 @@ impl EnvOptions {
     }
 
     /// The episodes of the run; fewer than asked is a warning, none an error.
-    fn schedule(&self, env: &mut ProcessEnv) -> Result<Vec<EpisodeSpec>> {
-        let specs = schedule(env, &self.tasks, &self.split, self.episodes).with_context(|| format!("listing the episodes of --env {}", self.env))?;
-        if specs.is_empty() {
+    fn schedule(&self, env: &mut ProcessEnv) -> Result<Schedule> {
+        let schedule = schedule(env, &self.tasks, &self.split, self.episodes).with_context(|| format!("listing the episodes of --env {}", self.env))?;
+        if schedule.episodes.is_empty() {
             bail!("--env {} has no episodes in split '{}'", self.env, self.split);
         }
-        if specs.len() < self.episodes {
-            eprintln!("warning: split '{}' has only {} episodes; running those", self.split, specs.len());
+        if schedule.episodes.len() < self.episodes {
+            eprintln!("warning: split '{}' has only {} episodes; running those", self.split, schedule.episodes.len());
         }
-        Ok(specs)
+        Ok(schedule)
     }
 }
 
@@ -258,17 +258,29 @@ fn progress_bar(len: usize) -> indicatif::ProgressBar {
     bar
 }
 
+/// Advances the bar with `message`; where stderr is not a terminal (a log file, CI) the bar is
+/// hidden, so the same progress goes out as one plain line per episode instead.
+fn report_progress(bar: &indicatif::ProgressBar, started: Instant, episode: &str, message: String) {
+    bar.inc(1);
+    if bar.is_hidden() {
+        let total = bar.length().unwrap_or(0);
+        eprintln!("[{:>7.1} s] {}/{total} {episode}  {message}", started.elapsed().as_secs_f64(), bar.position());
+    }
+    bar.set_message(message);
+}
+
 fn collect(args: CollectArgs) -> Result<()> {
     let limits = args.env.limits()?;
     if !(0.0..=1.0).contains(&args.deviation) {
         bail!("--deviation must be between 0 and 1");
     }
     let mut env = args.env.open()?;
-    let specs = args.env.schedule(&mut env)?;
+    let mut schedule = args.env.schedule(&mut env)?;
     let done = existing_episodes(&args.output)?;
-    let todo: Vec<&EpisodeSpec> = specs.iter().filter(|s| !done.contains(s)).collect();
-    if todo.len() < specs.len() {
-        eprintln!("resuming: {} of {} episodes are already in {}", specs.len() - todo.len(), specs.len(), args.output.display());
+    let mut todo: VecDeque<EpisodeSpec> = schedule.episodes.iter().filter(|s| !done.contains(s)).cloned().collect();
+    let already = schedule.episodes.len() - todo.len();
+    if already > 0 {
+        eprintln!("resuming: {already} of {} episodes are already in {}", schedule.episodes.len(), args.output.display());
     }
     let model = if args.policy == "model" { Some(args.model.load()?) } else { None };
     let mut agent = match &model {
@@ -283,32 +295,48 @@ fn collect(args: CollectArgs) -> Result<()> {
         other => bail!("--policy '{other}' (expected model, gold, random or mixed)"),
     };
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.output).with_context(|| format!("opening {}", args.output.display()))?;
-    let todo_count = todo.len();
-    let bar = progress_bar(todo_count);
-    let (mut written, mut successes, mut env_errors) = (0, 0, 0);
-    for spec in todo {
-        let outcome = run_episode(&mut env, spec, actor.as_mut(), limits)?;
-        if let EpisodeEnd::EnvError(reason) = &outcome.end {
-            env_errors += 1;
-            bar.suspend(|| eprintln!("warning: {} variation {}: {reason}; not written (a rerun tries it again)", spec.task, spec.variation));
-        } else if let Some(episode) = outcome.to_episode() {
-            let mut line = serde_json::to_value(&episode).expect("serializable");
-            line["end"] = json!(outcome.end.name());
-            // One line per episode, flushed at once: an interruption loses at most the episode in flight.
-            writeln!(file, "{line}").and_then(|_| file.flush()).with_context(|| format!("writing {}", args.output.display()))?;
-            written += 1;
-            successes += usize::from(episode.success);
+    let started = Instant::now();
+    let bar = progress_bar(todo.len());
+    let (mut written, mut successes, mut env_errors, mut refused) = (0, 0, 0, 0);
+    while let Some(spec) = todo.pop_front() {
+        let outcome = run_episode(&mut env, &spec, actor.as_mut(), limits)?;
+        match &outcome.end {
+            EpisodeEnd::ResetRefused(reason) => {
+                // A variation the environment cannot start is refused again on a rerun: take the
+                // task's next one (skipping those already in the file), so the count is kept.
+                refused += 1;
+                let next = std::iter::from_fn(|| schedule.replacement(&spec.task)).find(|s| !done.contains(s));
+                let instead = next.as_ref().map_or("no variation left to replace it".to_string(), |s| format!("running variation {} instead", s.variation));
+                bar.suspend(|| eprintln!("warning: {} variation {}: {reason}; {instead}", spec.task, spec.variation));
+                if let Some(next) = next {
+                    todo.push_front(next);
+                }
+                continue;
+            }
+            EpisodeEnd::EnvError(reason) => {
+                env_errors += 1;
+                bar.suspend(|| eprintln!("warning: {} variation {}: {reason}; not written (a rerun tries it again)", spec.task, spec.variation));
+            }
+            _ => {
+                if let Some(episode) = outcome.to_episode() {
+                    let mut line = serde_json::to_value(&episode).expect("serializable");
+                    line["end"] = json!(outcome.end.name());
+                    // One line per episode, flushed at once: an interruption loses at most the episode in flight.
+                    writeln!(file, "{line}").and_then(|_| file.flush()).with_context(|| format!("writing {}", args.output.display()))?;
+                    written += 1;
+                    successes += usize::from(episode.success);
+                }
+            }
         }
-        bar.inc(1);
-        bar.set_message(format!("{successes}/{written} succeeded"));
+        let label = format!("{} {}: {} in {} steps", spec.task, spec.variation, outcome.end.name(), outcome.steps.len());
+        report_progress(&bar, started, &label, format!("{successes}/{written} succeeded"));
     }
     bar.finish_and_clear();
     env.close();
     println!(
-        "wrote {written} episodes ({successes} succeeded, {} failed) to {}; {} already there; {env_errors} environment errors",
+        "wrote {written} episodes ({successes} succeeded, {} failed) to {}; {already} already there; {env_errors} environment errors; {refused} variations refused by the environment (replaced where the split had more)",
         written - successes,
         args.output.display(),
-        specs.len() - todo_count
     );
     Ok(())
 }
@@ -337,10 +365,10 @@ fn eval(args: EvalArgs) -> Result<()> {
         None => None,
     };
     let mut env = args.env.open()?;
-    let specs = args.env.schedule(&mut env)?;
+    let mut schedule = args.env.schedule(&mut env)?;
     let mut overlap_checked = true;
     if let (Some(bank), Some(path)) = (&bank, &args.memory) {
-        match check_overlap(bank, &specs).with_context(|| format!("memory bank {}", path.display()))? {
+        match check_overlap(bank, &schedule.episodes).with_context(|| format!("memory bank {}", path.display()))? {
             OverlapCheck::Checked => {}
             OverlapCheck::Unchecked(names) => {
                 overlap_checked = false;
@@ -355,67 +383,104 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     let mut agent = Agent::new(&model, agent_options)?;
     let names: Vec<String> = conditions.iter().map(|c| c.name().to_string()).collect();
-    let bar = progress_bar(specs.len() * conditions.len());
+    let report = Report { args: &args, model: &model.path, names: &names, overlap_checked };
+    let bar = progress_bar(schedule.episodes.len() * conditions.len());
     let mut running = vec![(0usize, 0usize); conditions.len()];
-    let results = evaluate(&mut agent, &mut env, &specs, &conditions, bank.as_ref(), &retrieval, limits, |result| {
+    let mut so_far = Evaluation::default();
+    let evaluation = evaluate(&mut agent, &mut env, &mut schedule, &conditions, bank.as_ref(), &retrieval, limits, |result| {
         let k = names.iter().position(|n| *n == result.condition).expect("a listed condition");
         running[k].0 += usize::from(result.success);
         running[k].1 += 1;
         if let Some(error) = &result.error {
             bar.suspend(|| eprintln!("warning: {} variation {} ({}): {error}", result.task, result.variation, result.condition));
         }
-        bar.inc(1);
-        bar.set_message(names.iter().zip(&running).map(|(n, (s, t))| format!("{n} {s}/{t}")).collect::<Vec<_>>().join("  "));
+        let label = format!("{} {} {}: {} in {} steps", result.task, result.variation, result.condition, result.end, result.steps);
+        report_progress(&bar, started, &label, names.iter().zip(&running).map(|(n, (s, t))| format!("{n} {s}/{t}")).collect::<Vec<_>>().join("  "));
+        so_far.results.push(result.clone());
+        // Once an episode has run under every condition, the files are rewritten with what is
+        // complete so far, so a run stopped early still leaves its paired results.
+        if k + 1 == names.len() {
+            so_far.episodes.push(EpisodeSpec { task: result.task.clone(), variation: result.variation, split: result.split.clone() });
+            if let Err(e) = report.write(&so_far, started.elapsed().as_secs_f64(), false) {
+                bar.suspend(|| eprintln!("warning: {e:#}"));
+            }
+        }
     })?;
     bar.finish_and_clear();
     env.close();
-    let (summaries, comparisons) = summarize(&names, &results, args.env.seed);
+    for (spec, reason) in &evaluation.refused {
+        eprintln!("note: {} variation {} was refused by the environment ({reason}) and replaced by the task's next variation", spec.task, spec.variation);
+    }
     let wall = started.elapsed().as_secs_f64();
-    println!("{} episodes x {} conditions on --env {} split {} ({}), {:.1} s", specs.len(), conditions.len(), args.env.env, args.env.split, model.path.display(), wall);
+    let (summaries, comparisons) = summarize(&names, &evaluation.results, args.env.seed);
+    println!("{} episodes x {} conditions on --env {} split {} ({}), {:.1} s", evaluation.episodes.len(), conditions.len(), args.env.env, args.env.split, model.path.display(), wall);
     print!("{}", text_table(&summaries, &comparisons));
-    if let Some(path) = &args.json {
-        let report = json!({
-            "model": model.path.display().to_string(),
-            "env": args.env.env,
-            "split": args.env.split,
-            "episodes": specs,
-            "conditions": summaries,
-            "comparisons": comparisons,
-            "methods": methods(),
-            "settings": {
-                "memory": args.memory.as_ref().map(|p| p.display().to_string()),
-                "memory_scale": args.memory_scale,
-                "memory_layers": args.memory_layers,
-                "memory_top_k": args.memory_top_k,
-                "memory_threshold": args.memory_threshold,
-                "policy": args.policy,
-                "score": args.agent.score,
-                "history": args.agent.history,
-                "max_steps": args.env.max_steps,
-                "max_candidates": args.env.max_candidates,
-                "seed": args.env.seed,
-            },
-            "overlap_checked": overlap_checked,
-            "wall_seconds": wall,
-            "results": results,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&report).expect("serializable") + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.markdown {
-        let text = format!(
-            "Evaluation: {} episodes of `--env {}` split {} under {}, model {}.\n\n{}\nIntervals: {}; {}. Paired: {}; {}.\n",
-            specs.len(),
-            args.env.env,
-            args.env.split,
-            names.join(", "),
-            model.path.display(),
-            markdown_tables(&summaries, &comparisons),
-            methods().success_interval,
-            methods().score_interval,
-            methods().paired_success_test,
-            methods().paired_score_interval
-        );
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-    }
+    report.write(&evaluation, wall, true)?;
     Ok(())
+}
+
+/// The `--json` and `--markdown` files of an evaluation, rewritten as episodes complete.
+struct Report<'a> {
+    args: &'a EvalArgs,
+    model: &'a Path,
+    names: &'a [String],
+    overlap_checked: bool,
+}
+
+impl Report<'_> {
+    /// Writes both files (where asked) from `evaluation`; `complete` is false for the
+    /// intermediate files of a run still going.
+    fn write(&self, evaluation: &Evaluation, wall: f64, complete: bool) -> Result<()> {
+        let args = self.args;
+        let (summaries, comparisons) = summarize(self.names, &evaluation.results, args.env.seed);
+        if let Some(path) = &args.json {
+            let report = json!({
+                "model": self.model.display().to_string(),
+                "env": args.env.env,
+                "split": args.env.split,
+                "complete": complete,
+                "episodes": evaluation.episodes,
+                "refused": evaluation.refused.iter().map(|(spec, reason)| json!({"episode": spec, "reason": reason})).collect::<Vec<_>>(),
+                "conditions": summaries,
+                "comparisons": comparisons,
+                "methods": methods(),
+                "settings": {
+                    "memory": args.memory.as_ref().map(|p| p.display().to_string()),
+                    "memory_scale": args.memory_scale,
+                    "memory_layers": args.memory_layers,
+                    "memory_top_k": args.memory_top_k,
+                    "memory_threshold": args.memory_threshold,
+                    "policy": args.policy,
+                    "score": args.agent.score,
+                    "history": args.agent.history,
+                    "max_steps": args.env.max_steps,
+                    "max_candidates": args.env.max_candidates,
+                    "seed": args.env.seed,
+                },
+                "overlap_checked": self.overlap_checked,
+                "wall_seconds": wall,
+                "results": evaluation.results,
+            });
+            std::fs::write(path, serde_json::to_string_pretty(&report).expect("serializable") + "\n").with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &args.markdown {
+            let methods = methods();
+            let text = format!(
+                "Evaluation{}: {} episodes of `--env {}` split {} under {}, model {}.\n\n{}\nIntervals: {}; {}. Paired: {}; {}.\n",
+                if complete { "" } else { " (in progress)" },
+                evaluation.episodes.len(),
+                args.env.env,
+                args.env.split,
+                self.names.join(", "),
+                self.model.display(),
+                markdown_tables(&summaries, &comparisons),
+                methods.success_interval,
+                methods.score_interval,
+                methods.paired_success_test,
+                methods.paired_score_interval
+            );
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
 }

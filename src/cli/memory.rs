@@ -178,9 +178,16 @@ fn run_distill(args: DistillArgs) -> Result<()> {
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("distilling [{bar:30}] {pos}/{len} steps ({per_sec}, eta {eta})").expect("valid template"));
+    // Where stderr is not a terminal the bar is hidden: a plain line every 30 s instead.
+    let started = std::time::Instant::now();
+    let mut last_line = started;
     let report = distill(&model, &episodes, &options, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
+        if bar.is_hidden() && (last_line.elapsed().as_secs() >= 30 || done == total) {
+            last_line = std::time::Instant::now();
+            eprintln!("[{:>7.1} s] distilling: {done}/{total} steps", started.elapsed().as_secs_f64());
+        }
     })?;
     bar.finish_and_clear();
     if let Some(note) = &report.checkpoint_note {

@@ -67,11 +67,39 @@ class Bridge:
     def reset(self, task, variation, split):
         raise NotImplementedError
 
-    def step(self, action):
+    # A bridge keeps its current episode in `self.episode` (a dict with at least "done" and
+    # "steps") and implements these three; `step` and `gold` below do the protocol's checks.
+    episode = None
+
+    def library_step(self, action):
+        """One action in the library: (observation, info, done)."""
         raise NotImplementedError
 
-    def gold(self):
+    def library_gold(self):
+        """The library's gold action sequence for the loaded episode."""
         raise NotImplementedError
+
+    def _state(self, observation, info, done):
+        """The protocol's state answer after a reset or a step."""
+        raise NotImplementedError
+
+    def step(self, action):
+        ep = self.episode
+        if ep is None:
+            raise ProtocolError("step before reset")
+        if ep["done"]:
+            raise ProtocolError("the episode is over; reset first")
+        observation, info, done = self.library_step(action)
+        ep["steps"] += 1
+        return self._state(observation, info, done=done)
+
+    def gold(self):
+        if self.episode is None:
+            raise ProtocolError("gold before reset")
+        actions = self.library_gold()
+        if not actions or str(actions[0]).startswith("ERROR"):
+            raise ProtocolError(f"no gold path for this episode: {list(actions[:1])}")
+        return [str(a) for a in actions]
 
     def close(self):
         pass

@@ -199,23 +199,12 @@ class ScienceWorldBridge(Bridge):
             },
         }
 
-    def step(self, action):
-        ep = self.episode
-        if ep is None:
-            raise ProtocolError("step before reset")
-        if ep["done"]:
-            raise ProtocolError("the episode is over; reset first")
+    def library_step(self, action):
         obs, _reward, done, info = self.env.step(action)
-        ep["steps"] += 1
-        return self._state(obs, info, done=done)
+        return obs, info, done
 
-    def gold(self):
-        if self.episode is None:
-            raise ProtocolError("gold before reset")
-        actions = self.env.get_gold_action_sequence()
-        if not actions or actions[0].startswith("ERROR"):
-            raise ProtocolError(f"no gold path for this episode: {actions[:1]}")
-        return [str(a) for a in actions]
+    def library_gold(self):
+        return self.env.get_gold_action_sequence()
 
     def close(self):
         if self.spare is not None:

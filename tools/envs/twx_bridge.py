@@ -30,7 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from protocol import Bridge, ProtocolError, clamp01, dedup_sorted, log, serve  # noqa: E402
+from protocol import Bridge, clamp01, dedup_sorted, log, serve  # noqa: E402
 
 NO_LIMIT = 10**9
 SMALL = {
@@ -120,23 +120,12 @@ class TwxBridge(Bridge):
             },
         }
 
-    def step(self, action):
-        ep = self.episode
-        if ep is None:
-            raise ProtocolError("step before reset")
-        if ep["done"]:
-            raise ProtocolError("the episode is over; reset first")
+    def library_step(self, action):
         obs, _reward, done, infos = self.env.step(action)
-        ep["steps"] += 1
-        return self._state(obs, infos, done=done)
+        return obs, infos, done
 
-    def gold(self):
-        if self.episode is None:
-            raise ProtocolError("gold before reset")
-        actions = self.env.getGoldActionSequence()
-        if not actions or actions[0].startswith("ERROR"):
-            raise ProtocolError(f"no gold path for this episode: {actions[:1]}")
-        return [str(a) for a in actions]
+    def library_gold(self):
+        return self.env.getGoldActionSequence()
 
     def close(self):
         if self.env is not None:

@@ -3,6 +3,8 @@
 //! instructions, the bank file round trip, export as a control vector, refusals (malformed
 //! lines, another model's bank, an empty side), and the `engram memory` CLI end to end.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +21,8 @@ use engram::model::ModelFiles;
 use engram::steer::compute::Method;
 use engram::steer::files::read_vector;
 use engram::{DType, Model};
+
+use common::labelled_episode;
 
 fn tiny_model() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -54,17 +58,7 @@ fn synthetic_episodes() -> Vec<Episode> {
                     Step { observation, action: format!("use {}", FILLER[(e + s) % FILLER.len()]), valid_actions: None }
                 })
                 .collect();
-            out.push(Episode {
-                task: format!("{kind}-{}", e % 3),
-                kind: kind.into(),
-                instruction: instructions[e % 3].into(),
-                success,
-                score: Some(if success { 1.0 } else { 0.0 }),
-                steps,
-                workflow: None,
-                variation: None,
-                split: None,
-            });
+            out.push(labelled_episode(format!("{kind}-{}", e % 3), kind, instructions[e % 3], success, steps));
         }
     }
     out

@@ -13,7 +13,7 @@ use engram::model::config::Architecture;
 use engram::model::random::{tiny_config, write_random_model};
 use engram::DType;
 
-use common::{engram_command, load_cpu, run_ok};
+use common::{engram_command, labelled_episode, load_cpu, run_ok};
 
 /// Each kind's successful steps carry that kind's own marker phrase and a marker all kinds share;
 /// failed steps carry neither.
@@ -38,17 +38,7 @@ fn halves_episodes() -> Vec<Episode> {
                     Step { observation, action: format!("{} {}", if success { "take" } else { "look" }, FILLER[(e + s) % FILLER.len()]), valid_actions: None }
                 })
                 .collect();
-            out.push(Episode {
-                task: format!("{kind}-{}", if e < 8 { "a" } else { "b" }),
-                kind: kind.into(),
-                instruction: instruction.into(),
-                success,
-                score: Some(if success { 1.0 } else { 0.0 }),
-                steps,
-                workflow: None,
-                variation: None,
-                split: None,
-            });
+            out.push(labelled_episode(format!("{kind}-{}", if e < 8 { "a" } else { "b" }), kind, instruction, success, steps));
         }
     }
     out

@@ -10,6 +10,21 @@ use engram::model::config::ModelConfig;
 use engram::model::ModelFiles;
 use engram::{DType, Model};
 
+/// An unlabelled-origin episode (no variation, split or workflow) scored 1 or 0 by `success`.
+pub fn labelled_episode(task: String, kind: &str, instruction: &str, success: bool, steps: Vec<engram::memory::Step>) -> engram::memory::Episode {
+    engram::memory::Episode {
+        task,
+        kind: kind.into(),
+        instruction: instruction.into(),
+        success,
+        score: Some(if success { 1.0 } else { 0.0 }),
+        steps,
+        workflow: None,
+        variation: None,
+        split: None,
+    }
+}
+
 pub fn load_cpu(dir: &Path, dtype: DType, threads: usize, level: Option<SimdLevel>) -> Model<CpuBackend> {
     let files = ModelFiles::open(dir).expect("open model");
     Model::load(CpuBackend::new(threads, level).unwrap(), files, dtype, |_, _| {}).expect("load model")

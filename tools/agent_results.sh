@@ -48,6 +48,13 @@ pipeline() {
         t $E agent collect --env "$env" --tasks "$task" --split train --episodes "$ntrain" --policy mixed --deviation 0.3 \
           --max-steps "$train_steps" -o "$D/${name}_train.jsonl"
       done
+      # tasks whose mixed episodes at 0.3 all failed get more episodes at a smaller deviation
+      # (TASK:EPISODES:DEVIATION; collect resumes, so only the new variations run)
+      for more in ${MORE_TRAIN:-}; do
+        IFS=: read -r task n dev <<<"$more"
+        t $E agent collect --env "$env" --tasks "$task" --split train --episodes "$n" --policy mixed --deviation "$dev" \
+          --max-steps "$train_steps" -o "$D/${name}_train.jsonl"
+      done
       if [ -z "$tasks" ]; then
         t $E agent collect --env "$env" --split train --episodes "$ntrain" --policy mixed --deviation 0.3 \
           --max-steps "$train_steps" -o "$D/${name}_train.jsonl"
@@ -64,7 +71,7 @@ pipeline() {
       env=${spec%%=*}; tasks=${spec#*=}; [ "$tasks" = "$spec" ] && tasks=""
       out="$D/${name}_${split}_${label}_${env//[:\/]/-}"
       t $E agent eval --env "$env" ${tasks:+--tasks "$tasks"} --split "$split" --episodes "$n" --max-steps "$steps" \
-        "${MODEL_OPTS[@]}" --conditions "$conditions" "$@" --json "$out.json" --markdown "$out.md" >&2
+        "${MODEL_OPTS[@]}" ${EVAL_OPTS:-} --conditions "$conditions" "$@" --json "$out.json" --markdown "$out.md" >&2
       files+=("$out.json")
     done
     local IFS=,; echo "${files[*]}"
@@ -95,7 +102,8 @@ pipeline() {
 SW_TASKS=${SW_TASKS:-lifespan-longest-lived,find-living-thing,find-plant}
 case "${ONLY:-both}" in
   twx) pipeline twx "twx:coin twx:sorting" 30 "${TWX_DEV:-6}" "${TWX_TEST:-12}" 10 30 ;;
-  sw) pipeline sw "scienceworld=$SW_TASKS" "${SW_TRAIN:-8}" "${SW_DEV:-6}" "${SW_TEST:-12}" 10 25 ;;
+  # ScienceWorld prompts with the workflow text reach ~1,030 tokens: 2,048 KV positions
+  sw) MORE_TRAIN=${MORE_TRAIN-find-plant:16:0.15} EVAL_OPTS=${EVAL_OPTS---context 2048} pipeline sw "scienceworld=$SW_TASKS" "${SW_TRAIN:-8}" "${SW_DEV:-6}" "${SW_TEST:-12}" 10 25 ;;
   both)
     ONLY=twx bash "$0" >"$D/twx.log" 2>&1 &
     ONLY=sw bash "$0" >"$D/sw.log" 2>&1 &

@@ -101,7 +101,7 @@ pipeline() {
 
 SW_TASKS=${SW_TASKS:-lifespan-longest-lived,find-living-thing,find-plant}
 case "${ONLY:-both}" in
-  twx) pipeline twx "twx:coin twx:sorting" 30 "${TWX_DEV:-6}" "${TWX_TEST:-12}" 10 30 ;;
+  twx) pipeline twx "twx:coin twx:sorting" "${TWX_TRAIN:-30}" "${TWX_DEV:-6}" "${TWX_TEST:-12}" 10 30 ;;
   # ScienceWorld prompts with the workflow text reach ~1,030 tokens: 2,048 KV positions
   sw) MORE_TRAIN=${MORE_TRAIN-find-plant:16:0.15} EVAL_OPTS=${EVAL_OPTS---context 2048} pipeline sw "scienceworld=$SW_TASKS" "${SW_TRAIN:-8}" "${SW_DEV:-6}" "${SW_TEST:-12}" 10 25 ;;
   both)

@@ -100,9 +100,19 @@ fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix,
             by_column_blocks(rows, w.rows, chunk_len(w.rows, threads), out, |start, block| {
                 let width = block.len() / rows;
                 for tile in (0..width).step_by(TILE_ROWS) {
+                    let end = (tile + TILE_ROWS).min(width);
                     for r in 0..rows {
                         let input = &x[r * k..(r + 1) * k];
-                        for i in tile..(tile + TILE_ROWS).min(width) {
+                        let mut i = tile;
+                        if let WeightData::F32(data) = &w.data {
+                            // Four f32 rows at once (see simd::dot4_f32).
+                            while i + 4 <= end {
+                                let rows4 = &data[(start + i) * k..(start + i + 4) * k];
+                                block[r * width + i..r * width + i + 4].copy_from_slice(&simd::dot4_f32(level, rows4, input));
+                                i += 4;
+                            }
+                        }
+                        for i in i..end {
                             block[r * width + i] = w.dot_row(level, start + i, input);
                         }
                     }

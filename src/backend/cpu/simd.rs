@@ -157,6 +157,20 @@ pub fn dot_f16(level: SimdLevel, w: &[u16], x: &[f32]) -> f32 {
     }
 }
 
+/// Dots of four consecutive weight rows (`w` holds them back to back, `x.len()` each) with one
+/// input: decode streams four rows at once, which keeps more loads in flight per core than one
+/// row's chain and loads each input vector once for four rows. (f32 only: the same scheme on f16
+/// rows measured 15-20% slower than one row at a time, so 16-bit rows keep [`dot_f16`].)
+pub fn dot4_f32(level: SimdLevel, w: &[f32], x: &[f32]) -> [f32; 4] {
+    check_len(w.len(), 4 * x.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx512 => unsafe { x86::dot4_f32_avx512(w, x) },
+        _ => std::array::from_fn(|r| dot_f32(level, &w[r * x.len()..(r + 1) * x.len()], x)),
+    }
+}
+
 /// y += a x.
 pub fn axpy(level: SimdLevel, a: f32, x: &[f32], y: &mut [f32]) {
     check_len(x.len(), y.len());
@@ -307,6 +321,23 @@ mod x86 {
     }
     dot_half_avx512!(dot_bf16_avx512, load_bf16x16, super::scalar::dot_bf16);
     dot_half_avx512!(dot_f16_avx512, load_f16x16, super::scalar::dot_f16);
+
+    /// Four rows against one input: one accumulator per row (four independent FMA chains).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot4_f32_avx512(w: &[f32], x: &[f32]) -> [f32; 4] {
+        let k = x.len();
+        let (pw, px) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= k {
+            let xv = _mm512_loadu_ps(px.add(i));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                *acc_r = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(r * k + i)), xv, *acc_r);
+            }
+            i += 16;
+        }
+        std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + super::scalar::dot_f32(&w[r * k + i..(r + 1) * k], &x[i..]))
+    }
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
@@ -506,6 +537,23 @@ mod tests {
                 let want = scalar::dot_f16(&wh, &b);
                 let got = dot_f16(level, &wh, &b);
                 assert!((want - got).abs() <= tolerance(&wh_f32, &b), "f16 {level} n={n}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn four_row_dots_match_the_scalar_reference_on_every_level() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for level in SimdLevel::all_supported() {
+            for k in AWKWARD_LENGTHS {
+                let w = random_vec(&mut rng, 4 * k);
+                let x = random_vec(&mut rng, k);
+                let got = dot4_f32(level, &w, &x);
+                for r in 0..4 {
+                    let row = &w[r * k..(r + 1) * k];
+                    let want = scalar::dot_f32(row, &x);
+                    assert!((want - got[r]).abs() <= tolerance(row, &x), "{level} k={k} row {r}: {} vs {want}", got[r]);
+                }
             }
         }
     }

@@ -157,7 +157,8 @@ pub struct Evaluation {
 }
 
 /// Runs every episode of `schedule` under every condition (episode by episode, so running
-/// rates stay comparable), calling `on_result` after each. An episode the environment refuses
+/// rates stay comparable), calling `on_result` after each with the evaluation so far (an
+/// episode joins its `episodes` when its last condition has run). An episode the environment refuses
 /// to start is replaced by its task's next variation (not one the bank was distilled from).
 /// Other environment failures are results (end `env-error`); engine failures end the evaluation.
 #[allow(clippy::too_many_arguments)]
@@ -169,7 +170,7 @@ pub fn evaluate<B: Backend>(
     bank: Option<&MemoryBank>,
     retrieval: &RetrievalOptions,
     limits: RunLimits,
-    mut on_result: impl FnMut(&EpisodeResult),
+    mut on_result: impl FnMut(&EpisodeResult, &Evaluation),
 ) -> Result<Evaluation> {
     if bank.is_none() {
         if let Some(c) = conditions.iter().find(|c| **c != Condition::None) {
@@ -213,10 +214,12 @@ pub fn evaluate<B: Backend>(
                 tokens: actor.inner.agent.tokens - tokens,
                 seconds: actor.inner.agent.seconds - seconds,
             };
-            on_result(&result);
             evaluation.results.push(result);
+            if k + 1 == conditions.len() {
+                evaluation.episodes.push(spec.clone());
+            }
+            on_result(evaluation.results.last().expect("just pushed"), &evaluation);
         }
-        evaluation.episodes.push(spec);
     }
     Ok(evaluation)
 }

@@ -386,8 +386,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let report = Report { args: &args, model: &model.path, names: &names, overlap_checked };
     let bar = progress_bar(schedule.episodes.len() * conditions.len());
     let mut running = vec![(0usize, 0usize); conditions.len()];
-    let mut so_far = Evaluation::default();
-    let evaluation = evaluate(&mut agent, &mut env, &mut schedule, &conditions, bank.as_ref(), &retrieval, limits, |result| {
+    let evaluation = evaluate(&mut agent, &mut env, &mut schedule, &conditions, bank.as_ref(), &retrieval, limits, |result, so_far| {
         let k = names.iter().position(|n| *n == result.condition).expect("a listed condition");
         running[k].0 += usize::from(result.success);
         running[k].1 += 1;
@@ -396,12 +395,10 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
         let label = format!("{} {} {}: {} in {} steps", result.task, result.variation, result.condition, result.end, result.steps);
         report_progress(&bar, started, &label, names.iter().zip(&running).map(|(n, (s, t))| format!("{n} {s}/{t}")).collect::<Vec<_>>().join("  "));
-        so_far.results.push(result.clone());
         // Once an episode has run under every condition, the files are rewritten with what is
         // complete so far, so a run stopped early still leaves its paired results.
         if k + 1 == names.len() {
-            so_far.episodes.push(EpisodeSpec { task: result.task.clone(), variation: result.variation, split: result.split.clone() });
-            if let Err(e) = report.write(&so_far, started.elapsed().as_secs_f64(), false) {
+            if let Err(e) = report.write(so_far, started.elapsed().as_secs_f64(), false) {
                 bar.suspend(|| eprintln!("warning: {e:#}"));
             }
         }

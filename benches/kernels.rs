@@ -24,21 +24,32 @@ fn dot_products(c: &mut Criterion) {
     group.finish();
 }
 
-/// gate|up of SmolLM2-135M, [3072, 576], as Q4_1 and Q8_0 blocks.
-fn quantized_matrices(n: usize, k: usize) -> Vec<(&'static str, BlockMatrix)> {
+/// A random `[n, k]` matrix in each of `formats`.
+fn quantized_matrices(n: usize, k: usize, formats: &[BlockFormat]) -> Vec<(String, BlockMatrix)> {
     let w = random(n * k, 5);
-    [("q4_1", BlockFormat::Q4_1), ("q8_0", BlockFormat::Q8_0)]
-        .into_iter()
-        .map(|(name, format)| (name, BlockMatrix::pack(format, n, k, &engram::model::quant::quantize(format.ggml(), &w).unwrap())))
+    formats
+        .iter()
+        .map(|&format| {
+            let bytes = engram::model::quant::quantize(format.ggml(), &w).unwrap();
+            (format.ggml().name().to_ascii_lowercase(), BlockMatrix::pack(format, n, k, &bytes))
+        })
         .collect()
 }
 
+/// gate|up of SmolLM2-135M, [3072, 576], in the 32-element formats; its down projection,
+/// [576, 1536] (rows of whole 256-element super-blocks), in the K formats and two 32-element
+/// ones to compare with.
 fn quantized_products(c: &mut Criterion) {
-    let (n, k) = (3072, 576);
+    use BlockFormat::*;
+    quantized_group(c, "quantized_3072x576", 3072, 576, &[Q4_1, Q8_0, Q5_0]);
+    quantized_group(c, "quantized_576x1536", 576, 1536, &[Q4_K, Q6_K, Q4_1, Q5_0]);
+}
+
+fn quantized_group(c: &mut Criterion, group_name: &str, n: usize, k: usize, formats: &[BlockFormat]) {
     let x = random(ROWS_AT_ONCE * k, 6);
     let activations = Q8Activations::quantize(&x, ROWS_AT_ONCE, k);
-    let mut group = c.benchmark_group("quantized_3072x576");
-    for (name, matrix) in quantized_matrices(n, k) {
+    let mut group = c.benchmark_group(group_name);
+    for (name, matrix) in quantized_matrices(n, k, formats) {
         for kernel in QuantKernel::all_supported() {
             let groups = 0..matrix.groups();
             let mut one = vec![0.0f32; n];
@@ -67,11 +78,15 @@ fn matmuls(c: &mut Criterion) {
     let (n, k) = (3072, 576);
     let w = random(n * k, 3);
     let matrices = [
-        ("f32", CpuMatrix { rows: n, cols: k, data: WeightData::F32(w.clone()) }),
-        ("bf16", CpuMatrix { rows: n, cols: k, data: WeightData::BF16(w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()) }),
+        ("f32".to_string(), CpuMatrix { rows: n, cols: k, data: WeightData::F32(w.clone()) }),
+        ("bf16".to_string(), CpuMatrix { rows: n, cols: k, data: WeightData::BF16(w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()) }),
     ]
     .into_iter()
-    .chain(quantized_matrices(n, k).into_iter().map(|(name, m)| (name, CpuMatrix { rows: n, cols: k, data: WeightData::Quantized(m) })))
+    .chain(
+        quantized_matrices(n, k, &[BlockFormat::Q4_1, BlockFormat::Q8_0])
+            .into_iter()
+            .map(|(name, m)| (name, CpuMatrix { rows: n, cols: k, data: WeightData::Quantized(m) })),
+    )
     .collect::<Vec<_>>();
     let mut group = c.benchmark_group("matmul_3072x576");
     for rows in [1usize, 64] {
@@ -79,7 +94,7 @@ fn matmuls(c: &mut Criterion) {
         let mut out = vec![0.0f32; rows * n];
         group.throughput(Throughput::Elements((rows * n * k) as u64));
         for (name, m) in &matrices {
-            group.bench_function(BenchmarkId::new(*name, format!("{rows}rows")), |bench| {
+            group.bench_function(BenchmarkId::new(name.as_str(), format!("{rows}rows")), |bench| {
                 bench.iter(|| pool.install(|| matmul(level, 2, &x, rows, m, &mut out)))
             });
         }

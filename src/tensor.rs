@@ -8,6 +8,7 @@ use crate::model::quant::{self, GgmlType};
 /// How weights are held in memory (activations are always f32): a float type, a GGUF
 /// block-quantized type computed on directly, or `Native`, which keeps each tensor in the type
 /// its file stores it in whenever engram computes on that type (f32 otherwise).
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -16,6 +17,9 @@ pub enum DType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q4_K,
+    Q6_K,
     Native,
 }
 
@@ -37,6 +41,9 @@ impl DType {
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
             DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q4_K => "q4_k",
+            DType::Q6_K => "q6_k",
             DType::Native => "native",
         }
     }
@@ -47,6 +54,9 @@ impl DType {
             DType::Q8_0 => Some(GgmlType::Q8_0),
             DType::Q4_0 => Some(GgmlType::Q4_0),
             DType::Q4_1 => Some(GgmlType::Q4_1),
+            DType::Q5_0 => Some(GgmlType::Q5_0),
+            DType::Q4_K => Some(GgmlType::Q4_K),
+            DType::Q6_K => Some(GgmlType::Q6_K),
             _ => None,
         }
     }
@@ -60,6 +70,9 @@ impl DType {
             GgmlType::Q8_0 => Some(DType::Q8_0),
             GgmlType::Q4_0 => Some(DType::Q4_0),
             GgmlType::Q4_1 => Some(DType::Q4_1),
+            GgmlType::Q5_0 => Some(DType::Q5_0),
+            GgmlType::Q4_K => Some(DType::Q4_K),
+            GgmlType::Q6_K => Some(DType::Q6_K),
             _ => None,
         }
     }
@@ -75,9 +88,12 @@ impl std::str::FromStr for DType {
             "q8_0" => Ok(DType::Q8_0),
             "q4_0" => Ok(DType::Q4_0),
             "q4_1" => Ok(DType::Q4_1),
+            "q5_0" => Ok(DType::Q5_0),
+            "q4_k" => Ok(DType::Q4_K),
+            "q6_k" => Ok(DType::Q6_K),
             "native" => Ok(DType::Native),
             other => Err(Error::InvalidInput(format!(
-                "unknown dtype '{other}' (expected f32, f16, bf16, q8_0, q4_0, q4_1 or native)"
+                "unknown dtype '{other}' (expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q4_k, q6_k or native)"
             ))),
         }
     }
@@ -95,7 +111,7 @@ pub enum TensorData {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
-    /// GGUF blocks of `ty` (Q8_0, Q4_0 or Q4_1), each row a whole number of blocks.
+    /// GGUF blocks of `ty` (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K), each row a whole number of blocks.
     Quantized { ty: GgmlType, bytes: Vec<u8> },
 }
 
@@ -118,8 +134,8 @@ impl HostTensor {
     /// A tensor of GGUF blocks; checks that `ty` is one engram computes on and that `bytes` holds
     /// exactly the blocks `shape` needs, rows being whole blocks.
     pub fn quantized(shape: Vec<usize>, ty: GgmlType, bytes: Vec<u8>) -> Result<Self> {
-        if !matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
-            return Err(Error::Unsupported(format!("computing on {ty} weights (engram computes on Q8_0, Q4_0 and Q4_1)")));
+        if !matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q6_K) {
+            return Err(Error::Unsupported(format!("computing on {ty} weights (engram computes on Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K)")));
         }
         let row = shape.last().copied().unwrap_or(0);
         let elements: usize = shape.iter().product();
@@ -151,7 +167,7 @@ impl HostTensor {
     }
 
     /// Converts to the requested dtype: the 16-bit types round to nearest even, the quantized
-    /// ones quantize each row with ggml's reference rounding (rows must be whole blocks of 32),
+    /// ones quantize each row (rows must be whole blocks: 32 values, 256 for the K types),
     /// and `Native` keeps the tensor as it is.
     pub fn to_dtype(self, dtype: DType) -> Result<HostTensor> {
         if dtype == DType::Native || self.dtype() == dtype {
@@ -162,14 +178,14 @@ impl HostTensor {
             DType::F32 => TensorData::F32(values),
             DType::F16 => TensorData::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
             DType::BF16 => TensorData::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q4_K | DType::Q6_K => {
                 let ty = dtype.quant_type().expect("quantized dtype");
                 let row = self.shape.last().copied().unwrap_or(0);
-                if !row.is_multiple_of(quant::QK) {
+                if !row.is_multiple_of(ty.block_size()) {
                     return Err(Error::Shape(format!(
                         "a tensor of shape {:?} cannot be stored as {dtype}: its rows of {row} values are not whole blocks of {}",
                         self.shape,
-                        quant::QK
+                        ty.block_size()
                     )));
                 }
                 return HostTensor::quantized(self.shape, ty, quant::quantize(ty, &values)?);

@@ -43,7 +43,7 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Convert a GGUF file into a Hugging Face model directory.
     Convert(convert::ConvertArgs),
-    /// Re-encode a GGUF file's weight matrices as q8_0, q4_0 or q4_1 (or f16/bf16/f32).
+    /// Re-encode a GGUF file's weight matrices as q8_0, q4_0, q4_1, q5_0, q4_k or q6_k (or f16/bf16/f32).
     Quantize(quantize::QuantizeArgs),
     /// Print a model's architecture, sizes, dtypes, tokenizer and template facts.
     Info(info::InfoArgs),
@@ -66,7 +66,8 @@ pub struct ModelArgs {
     #[arg(short, long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Weights in memory: f32, f16, bf16 (GGUF blocks decoded exactly, then rounded), q8_0, q4_0,
-    /// q4_1 (computed on as blocks; a file's blocks of that type are used as they are), or native
+    /// q4_1, q5_0, q4_k, q6_k (computed on as blocks; a file's blocks of that type are used as
+    /// they are; the K types need rows of whole 256-value super-blocks), or native
     /// (each tensor in its file's type when engram computes on it, else f32).
     #[arg(long, default_value = "f32")]
     pub dtype: DType,

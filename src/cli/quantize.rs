@@ -1,4 +1,5 @@
-//! `engram quantize`: a GGUF file re-encoded with Q8_0, Q4_0 or Q4_1 (or f16/bf16/f32) matrices.
+//! `engram quantize`: a GGUF file re-encoded with Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K (or
+//! f16/bf16/f32) matrices.
 
 use std::path::PathBuf;
 
@@ -8,11 +9,12 @@ use engram::model::quant::GgmlType;
 
 #[derive(Args)]
 pub struct QuantizeArgs {
-    /// The .gguf file to read (any type engram decodes: f32, f16, bf16, q8_0, q4_0, q4_1).
+    /// The .gguf file to read (any type engram decodes: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q4_k, q6_k).
     input: PathBuf,
     /// The .gguf file to write.
     output: PathBuf,
-    /// Type of the weight matrices: q8_0, q4_0, q4_1, f16, bf16 or f32.
+    /// Type of the weight matrices: q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, f16, bf16 or f32 (a K type
+    /// needs rows of whole 256-value super-blocks; other matrices get q8_0).
     #[arg(long = "type")]
     matrix_type: String,
     /// Type of the token embedding / output projection (default: q8_0 for the 4-bit types, as
@@ -23,8 +25,18 @@ pub struct QuantizeArgs {
 
 fn parse_type(text: &str) -> Result<GgmlType> {
     match GgmlType::from_name(&text.to_ascii_uppercase()) {
-        Some(ty @ (GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::F16 | GgmlType::BF16 | GgmlType::F32)) => Ok(ty),
-        _ => bail!("unknown or unsupported type '{text}' (expected q8_0, q4_0, q4_1, f16, bf16 or f32)"),
+        Some(
+            ty @ (GgmlType::Q8_0
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q4_K
+            | GgmlType::Q6_K
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::F32),
+        ) => Ok(ty),
+        _ => bail!("unknown or unsupported type '{text}' (expected q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, f16, bf16 or f32)"),
     }
 }
 
@@ -38,7 +50,9 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let matrix_type = parse_type(&args.matrix_type)?;
     let embedding_type = match &args.embedding_type {
         Some(text) => parse_type(text)?,
-        None if matches!(matrix_type, GgmlType::Q4_0 | GgmlType::Q4_1) => GgmlType::Q8_0,
+        None if matches!(matrix_type, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0) => GgmlType::Q8_0,
+        // llama.cpp's Q4_K_M/S keep the output projection in Q6_K.
+        None if matrix_type == GgmlType::Q4_K => GgmlType::Q6_K,
         None => matrix_type,
     };
     let progress = indicatif::ProgressBar::new(0);

@@ -1286,22 +1286,22 @@ mod tests {
         let mut b = full.clone();
         let info = info_pos(&full, "b.q8");
         // Two Q8_0 rows of 64 (272 bytes) reinterpreted as Q4_0 would not match sizes, so make it
-        // F16 of the same byte size instead and check the name; then Q4_K with 256-wide rows.
+        // F16 of the same byte size instead and check the name; then Q5_K with 256-wide rows.
         b[info + 4 + 16..info + 4 + 16 + 4].copy_from_slice(&GgmlType::Q4_K.id().to_le_bytes());
         std::fs::write(&path, &b).unwrap();
         assert_format_error(GgufFile::open(&path), &path, "block size");
-        let q4k = GgufTensorToWrite {
+        let q5k = GgufTensorToWrite {
             name: "k".into(),
             shape: vec![1, 256],
-            ggml_type: GgmlType::Q4_K,
-            data: Cow::Owned(vec![0; 144]),
+            ggml_type: GgmlType::Q5_K,
+            data: Cow::Owned(vec![0; 176]),
         };
-        write_gguf(&path, &[], &[q4k]).unwrap();
+        write_gguf(&path, &[], &[q5k]).unwrap();
         let f = GgufFile::open(&path).unwrap();
-        assert_eq!(f.tensor_data("k").unwrap().len(), 144);
+        assert_eq!(f.tensor_data("k").unwrap().len(), 176);
         match f.dequantize_to_f32("k") {
             Err(Error::Unsupported(msg)) => {
-                assert!(msg.contains("Q4_K") && msg.contains("'k'") && msg.contains("bad.gguf"), "{msg}")
+                assert!(msg.contains("Q5_K") && msg.contains("'k'") && msg.contains("bad.gguf"), "{msg}")
             }
             other => panic!("expected Unsupported, got {other:?}"),
         }

@@ -439,7 +439,19 @@ pub(crate) mod testing {
         tied: bool,
         bias: bool,
     ) -> (Vec<(String, GgufValue)>, Vec<GgufTensorToWrite<'static>>, HashMap<String, (Vec<usize>, Vec<f32>)>) {
-        let (hidden, heads, kv_heads, ffn, layers) = (64usize, 4usize, 2usize, 96usize, 2usize);
+        tiny_model_sized(arch, tied, bias, 64, 96)
+    }
+
+    /// [`tiny_model`] with a chosen width and feed-forward size (4 heads, 2 of keys and values,
+    /// 2 layers).
+    pub fn tiny_model_sized(
+        arch: &str,
+        tied: bool,
+        bias: bool,
+        hidden: usize,
+        ffn: usize,
+    ) -> (Vec<(String, GgufValue)>, Vec<GgufTensorToWrite<'static>>, HashMap<String, (Vec<usize>, Vec<f32>)>) {
+        let (heads, kv_heads, layers) = (4usize, 2usize, 2usize);
         let vocab = tiny_vocab_size();
         let mut md = vec![
             kv("general.architecture", s(arch)),
@@ -453,6 +465,9 @@ pub(crate) mod testing {
             kv(&format!("{arch}.rope.freq_base"), GgufValue::F32(50000.0)),
             kv(&format!("{arch}.attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-6)),
         ];
+        if hidden != heads * 16 {
+            md.push(kv(&format!("{arch}.attention.key_length"), GgufValue::U32(16)));
+        }
         md.extend(tiny_tokenizer_metadata(Some("smollm")));
         let permuted = arch == "llama";
         let mut tensors = Vec::new();

@@ -1,5 +1,5 @@
-//! Block-quantized weight matrices (Q8_0, Q4_0, Q4_1) repacked for the CPU, and their dot
-//! products with activations quantized to 8 bits.
+//! Block-quantized weight matrices (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K) repacked for the CPU, and
+//! their dot products with activations quantized to 8 bits.
 //!
 //! As in llama.cpp, the activation row is quantized once per matrix product to 8-bit blocks of
 //! 32 (scale `dx` in f32 and `dx·Σq`), and each weight block meets it in integer multiply-adds:
@@ -10,6 +10,11 @@
 //! * Q8_0 `w = q·d`:        `d·dx·Σ q·qx`
 //! * Q4_0 `w = (q − 8)·d`:  `d·dx·Σ q·qx − 8·d·(dx·Σ qx)`
 //! * Q4_1 `w = q·d + m`:    `d·dx·Σ q·qx + m·(dx·Σ qx)`
+//! * Q5_0 `w = (q − 16)·d`: `d·dx·Σ q·qx − 16·d·(dx·Σ qx)`
+//! * Q4_K `w = (d·sc)·q − dmin·m` (6-bit `sc`, `m` per block, f16 `d`, `dmin` per 256):
+//!   `(d·sc)·dx·Σ q·qx − (dmin·m)·(dx·Σ qx)`
+//! * Q6_K `w = (d·sc)·(q − 32)` (signed 8-bit `sc` per 16 elements, f16 `d` per 256): per half
+//!   `h` of the block, `(d·sc_h)·dx·(Σ_h q·qx − 32·Σ_h qx)`, the bracket an exact integer
 //!
 //! The integer sums are exact; the only rounding beyond f32 accumulation is the activation's own
 //! quantization (relative error about 1/254 of the block's largest value).
@@ -31,23 +36,45 @@
 //!   `128·Σ qx` this adds is removed like Q4_0's 8. Q4 blocks keep the file's nibble bytes:
 //!   byte `j` has element `j` in its low nibble and `j + 16` in its high one, so vector `j`
 //!   (bytes `4j..4j+4` of each row) yields elements `4j..` under a mask and `16 + 4j..` under a
-//!   shift, which is vector `j + 4` of the scheme above.
+//!   shift, which is vector `j + 4` of the scheme above. Q5_0 adds its fifth bits as one more
+//!   vector per block: bit `k` of byte `4i + m` is that of element `4k + m` of row `i`, moved
+//!   to bit 4 of weight vector `k` by a shift and a mask.
+//!
+//! The K types are cut into their 32-element blocks the same way. Their f16 `d` (and Q4_K's
+//! `dmin`) are stored once per super-block of 256, 16 lanes side by side; the per-block 6- or
+//! 8-bit scales (and Q4_K's minimums) as 16 bytes each, unpacked from the file's bit fields so
+//! that one byte-to-int widening gives a lane per row. Q4_K's nibbles are rearranged into the Q4
+//! byte order above (the file pairs sub-blocks `2i` and `2i+1` in one byte instead). Q6_K keeps
+//! its low nibbles the same way and its high bit pairs in two more vectors per block: byte
+//! `4i+m` of vector `h` holds, in bits `2s..2s+2`, the pair of element `16h + 4s + m` of row `i`,
+//! so a shift and a mask put them above the nibbles of weight vector `4h + s`. Storage per 256
+//! weights: 148 bytes for Q4_K (file: 144), 226 for Q6_K (file: 210).
 //!
 //! Rows are padded to a whole group with zero scales; their outputs are never written.
 
 use half::f16;
 
-use crate::model::quant::{dequantize_blocks_into, GgmlType, BLOCK_Q4_0_BYTES, BLOCK_Q4_1_BYTES, BLOCK_Q8_0_BYTES, QK};
+use crate::model::quant::{
+    dequantize_blocks_into, q4_k_scale_min, q6_k_quant, GgmlType, BLOCK_Q4_0_BYTES, BLOCK_Q4_1_BYTES, BLOCK_Q4_K_BYTES, BLOCK_Q5_0_BYTES,
+    BLOCK_Q6_K_BYTES, BLOCK_Q8_0_BYTES, QK, QK_K,
+};
 
 use super::simd::SimdLevel;
 
 /// The block layouts engram computes on directly.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q4_K,
+    Q6_K,
 }
+
+/// 32-element blocks per K super-block.
+const BLOCKS_PER_SUPER: usize = QK_K / QK;
 
 impl BlockFormat {
     pub fn from_ggml(ty: GgmlType) -> Option<BlockFormat> {
@@ -55,6 +82,9 @@ impl BlockFormat {
             GgmlType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlType::Q4_0 => Some(BlockFormat::Q4_0),
             GgmlType::Q4_1 => Some(BlockFormat::Q4_1),
+            GgmlType::Q5_0 => Some(BlockFormat::Q5_0),
+            GgmlType::Q4_K => Some(BlockFormat::Q4_K),
+            GgmlType::Q6_K => Some(BlockFormat::Q6_K),
             _ => None,
         }
     }
@@ -64,33 +94,62 @@ impl BlockFormat {
             BlockFormat::Q8_0 => GgmlType::Q8_0,
             BlockFormat::Q4_0 => GgmlType::Q4_0,
             BlockFormat::Q4_1 => GgmlType::Q4_1,
+            BlockFormat::Q5_0 => GgmlType::Q5_0,
+            BlockFormat::Q4_K => GgmlType::Q4_K,
+            BlockFormat::Q6_K => GgmlType::Q6_K,
         }
     }
 
-    /// Bytes per block of 32 elements in a GGUF file.
+    /// Whether this is a K type (super-blocks of 256 with per-block sub-scales).
+    pub fn is_k(self) -> bool {
+        matches!(self, BlockFormat::Q4_K | BlockFormat::Q6_K)
+    }
+
+    /// Bytes per block (super-block for the K types) in a GGUF file.
     pub fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q8_0 => BLOCK_Q8_0_BYTES,
             BlockFormat::Q4_0 => BLOCK_Q4_0_BYTES,
             BlockFormat::Q4_1 => BLOCK_Q4_1_BYTES,
+            BlockFormat::Q5_0 => BLOCK_Q5_0_BYTES,
+            BlockFormat::Q4_K => BLOCK_Q4_K_BYTES,
+            BlockFormat::Q6_K => BLOCK_Q6_K_BYTES,
         }
     }
 
-    /// Bytes of quants of one block of a whole row group in the packed layout.
+    /// Elements per block (super-block for the K types) in a GGUF file.
+    pub fn block_elements(self) -> usize {
+        if self.is_k() {
+            QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// Bytes of quants of one 32-element block of a whole row group in the packed layout.
     fn group_block_bytes(self) -> usize {
         match self {
             BlockFormat::Q8_0 => ROW_GROUP * QK,
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => ROW_GROUP * QK / 2,
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q4_K => ROW_GROUP * QK / 2,
+            // Nibbles, then the fifth bits.
+            BlockFormat::Q5_0 => ROW_GROUP * QK / 2 + ROW_GROUP * QK / 8,
+            // Nibbles, then the high bit pairs.
+            BlockFormat::Q6_K => ROW_GROUP * QK / 2 + ROW_GROUP * QK / 4,
         }
     }
 
     /// What multiplies `Σ_blocks offset_scale·(dx·Σ qx)`: the Q4_1 minimums enter as they are,
-    /// Q4_0's `−8·d` and Q8_0's stored `+128` are removed with `d` as the offset scale.
+    /// Q4_0's `−8·d`, Q5_0's `−16·d` and Q8_0's stored `+128` are removed with `d` as the offset scale; Q4_K's
+    /// `dmin·m` are subtracted.
     fn offset_factor(self) -> f32 {
         match self {
             BlockFormat::Q8_0 => -128.0,
             BlockFormat::Q4_0 => -8.0,
             BlockFormat::Q4_1 => 1.0,
+            BlockFormat::Q5_0 => -16.0,
+            BlockFormat::Q4_K => -1.0,
+            // Q6_K's offset is removed in the integer sums.
+            BlockFormat::Q6_K => 0.0,
         }
     }
 }
@@ -104,22 +163,40 @@ pub struct BlockMatrix {
     pub format: BlockFormat,
     pub rows: usize,
     pub cols: usize,
-    /// Blocks per row.
+    /// 32-element blocks per row.
     blocks: usize,
-    /// f16 bits, `[group][block][16]`.
+    /// f16 bits: `[group][block][16]`, or for the K types `d` as `[group][super-block][16]`.
     scales: Vec<u16>,
-    /// Q4_1 minimums as f16 bits, `[group][block][16]`; empty for the other formats.
+    /// f16 bits: Q4_1 minimums `[group][block][16]`, Q4_K `dmin` `[group][super-block][16]`;
+    /// empty for the other formats.
     minimums: Vec<u16>,
+    /// K types, `[group][block][32]`: Q4_K's 16 scales `sc` then 16 minimums `m` (6-bit values
+    /// in bytes), Q6_K's 16 signed scales of the block's first 16 elements then its last 16.
+    sub_scales: Vec<u8>,
     /// `[group][block]` units of `format.group_block_bytes()`.
     quants: Vec<u8>,
 }
 
+/// Index of byte `j` (0..16) of a row's nibble bytes within a packed unit: vector `j / 4`,
+/// lane `lane`, byte `j % 4`.
+fn nibble_byte(lane: usize, j: usize) -> usize {
+    (j / 4) * 4 * ROW_GROUP + lane * 4 + j % 4
+}
+
 impl BlockMatrix {
-    /// Repacks GGUF blocks (`rows` rows of `cols / 32` blocks each, row after row).
+    /// Repacks GGUF blocks (`rows` rows of `cols / format.block_elements()` blocks each, row
+    /// after row).
     pub fn pack(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> BlockMatrix {
-        let blocks = cols / QK;
+        let file_blocks = cols / format.block_elements();
         let block_bytes = format.block_bytes();
-        assert!(cols.is_multiple_of(QK) && bytes.len() == rows * blocks * block_bytes, "packing: byte count does not match the shape");
+        assert!(
+            cols.is_multiple_of(format.block_elements()) && bytes.len() == rows * file_blocks * block_bytes,
+            "packing: byte count does not match the shape"
+        );
+        if format.is_k() {
+            return BlockMatrix::pack_k(format, rows, cols, bytes);
+        }
+        let blocks = cols / QK;
         let units = rows.div_ceil(ROW_GROUP) * blocks;
         let unit_bytes = format.group_block_bytes();
         let mut scales = vec![0u16; units * ROW_GROUP];
@@ -137,11 +214,18 @@ impl BlockMatrix {
             // Vector k of the unit holds bytes 4k..4k+4 of every lane.
             let (stored, flip): (&[u8], u8) = match format {
                 BlockFormat::Q8_0 => (&block[2..], 0x80),
-                BlockFormat::Q4_0 => (&block[2..], 0),
                 BlockFormat::Q4_1 => {
                     minimums[unit * ROW_GROUP + lane] = u16::from_le_bytes([block[2], block[3]]);
                     (&block[4..], 0)
                 }
+                BlockFormat::Q5_0 => {
+                    let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                    for e in 0..QK {
+                        unit_quants[ROW_GROUP * QK / 2 + lane * 4 + e % 4] |= (((high >> e) & 1) << (e / 4)) as u8;
+                    }
+                    (&block[6..], 0)
+                }
+                _ => (&block[2..], 0),
             };
             for (k, four) in stored.chunks_exact(4).enumerate() {
                 for (m, &byte) in four.iter().enumerate() {
@@ -149,7 +233,59 @@ impl BlockMatrix {
                 }
             }
         }
-        BlockMatrix { format, rows, cols, blocks, scales, minimums, quants }
+        BlockMatrix { format, rows, cols, blocks, scales, minimums, sub_scales: Vec::new(), quants }
+    }
+
+    /// [`BlockMatrix::pack`] for Q4_K and Q6_K super-blocks.
+    fn pack_k(format: BlockFormat, rows: usize, cols: usize, bytes: &[u8]) -> BlockMatrix {
+        let (blocks, supers) = (cols / QK, cols / QK_K);
+        let groups = rows.div_ceil(ROW_GROUP);
+        let unit_bytes = format.group_block_bytes();
+        let mut scales = vec![0u16; groups * supers * ROW_GROUP];
+        let mut minimums = if format == BlockFormat::Q4_K { vec![0u16; groups * supers * ROW_GROUP] } else { Vec::new() };
+        let mut sub_scales = vec![0u8; groups * blocks * 2 * ROW_GROUP];
+        let mut quants = vec![0u8; groups * blocks * unit_bytes];
+        for (index, block) in bytes.chunks_exact(format.block_bytes()).enumerate() {
+            let (row, s) = (index / supers, index % supers);
+            let (group, lane) = (row / ROW_GROUP, row % ROW_GROUP);
+            let at = (group * supers + s) * ROW_GROUP + lane;
+            for sub in 0..BLOCKS_PER_SUPER {
+                let unit = group * blocks + s * BLOCKS_PER_SUPER + sub;
+                let subs = &mut sub_scales[unit * 2 * ROW_GROUP..(unit + 1) * 2 * ROW_GROUP];
+                let unit_quants = &mut quants[unit * unit_bytes..(unit + 1) * unit_bytes];
+                // The 32 unsigned quants of this block (Q4_K 0..16, Q6_K 0..64).
+                let q: [u8; QK] = match format {
+                    BlockFormat::Q4_K => {
+                        let (sc, m) = q4_k_scale_min(&block[4..16], sub);
+                        (subs[lane], subs[ROW_GROUP + lane]) = (sc, m);
+                        let pair = &block[16 + (sub / 2) * 32..16 + (sub / 2) * 32 + 32];
+                        std::array::from_fn(|e| (pair[e] >> (4 * (sub % 2))) & 0x0F)
+                    }
+                    _ => {
+                        (subs[lane], subs[ROW_GROUP + lane]) = (block[192 + 2 * sub], block[192 + 2 * sub + 1]);
+                        std::array::from_fn(|e| q6_k_quant(block, sub * QK + e))
+                    }
+                };
+                for j in 0..QK / 2 {
+                    unit_quants[nibble_byte(lane, j)] = (q[j] & 0x0F) | ((q[j + QK / 2] & 0x0F) << 4);
+                }
+                if format == BlockFormat::Q6_K {
+                    // Element e = 16h + 4s + m: byte 4·lane + m of high vector h, bits 2s.
+                    for (e, &v) in q.iter().enumerate() {
+                        let (h, s, m) = (e / 16, (e % 16) / 4, e % 4);
+                        unit_quants[ROW_GROUP * QK / 2 + h * 4 * ROW_GROUP + lane * 4 + m] |= (v >> 4) << (2 * s);
+                    }
+                }
+            }
+            match format {
+                BlockFormat::Q4_K => {
+                    scales[at] = u16::from_le_bytes([block[0], block[1]]);
+                    minimums[at] = u16::from_le_bytes([block[2], block[3]]);
+                }
+                _ => scales[at] = u16::from_le_bytes([block[208], block[209]]),
+            }
+        }
+        BlockMatrix { format, rows, cols, blocks, scales, minimums, sub_scales, quants }
     }
 
     /// Row groups (the last may be partly padding).
@@ -161,32 +297,65 @@ impl BlockMatrix {
         (row / ROW_GROUP) * self.blocks + b
     }
 
-    /// The stored f16 scale of block `b` of `row`.
+    /// The stored f16 scale of block `b` of `row` (for the K types, `d` of its super-block).
     fn scale(&self, row: usize, b: usize) -> f32 {
-        f16::from_bits(self.scales[self.unit(row, b) * ROW_GROUP + row % ROW_GROUP]).to_f32()
+        f16::from_bits(self.scales[self.scale_index(row, b)]).to_f32()
     }
 
-    /// The Q4_1 minimum of block `b` of `row`.
+    /// Where block `b` of `row` finds its scale and minimum in `scales` and `minimums`.
+    fn scale_index(&self, row: usize, b: usize) -> usize {
+        if self.format.is_k() {
+            let supers = self.blocks / BLOCKS_PER_SUPER;
+            ((row / ROW_GROUP) * supers + b / BLOCKS_PER_SUPER) * ROW_GROUP + row % ROW_GROUP
+        } else {
+            self.unit(row, b) * ROW_GROUP + row % ROW_GROUP
+        }
+    }
+
+    /// The Q4_1 minimum of block `b` of `row` (Q4_K: `dmin` of its super-block).
     fn minimum(&self, row: usize, b: usize) -> f32 {
-        f16::from_bits(self.minimums[self.unit(row, b) * ROW_GROUP + row % ROW_GROUP]).to_f32()
+        f16::from_bits(self.minimums[self.scale_index(row, b)]).to_f32()
     }
 
-    /// The integer of element `e` of block `b` of `row`: Q8_0's signed `q`, Q4's nibble.
+    /// Sub-scale `which` (0 or 1) of block `b` of `row`: Q4_K's `sc` and `m`, Q6_K's signed
+    /// scales of the block's two halves.
+    fn sub_scale(&self, row: usize, b: usize, which: usize) -> i32 {
+        let byte = self.sub_scales[self.unit(row, b) * 2 * ROW_GROUP + which * ROW_GROUP + row % ROW_GROUP];
+        if self.format == BlockFormat::Q6_K {
+            byte as i8 as i32
+        } else {
+            byte as i32
+        }
+    }
+
+    /// The integer of element `e` of block `b` of `row`: Q8_0's signed `q`, the unsigned quant
+    /// of the other formats (Q4 nibble, Q6_K 6 bits).
     fn quant(&self, row: usize, b: usize, e: usize) -> i32 {
         let unit = &self.quants[self.unit(row, b) * self.format.group_block_bytes()..];
         let lane = row % ROW_GROUP;
         match self.format {
             BlockFormat::Q8_0 => (unit[(e / 4) * 4 * ROW_GROUP + lane * 4 + e % 4] ^ 0x80) as i8 as i32,
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+            format => {
                 let j = e % (QK / 2);
-                let byte = unit[(j / 4) * 4 * ROW_GROUP + lane * 4 + j % 4];
-                (if e < QK / 2 { byte & 0x0F } else { byte >> 4 }) as i32
+                let byte = unit[nibble_byte(lane, j)];
+                let nibble = (if e < QK / 2 { byte & 0x0F } else { byte >> 4 }) as i32;
+                if format == BlockFormat::Q5_0 {
+                    let bits = unit[ROW_GROUP * QK / 2 + lane * 4 + e % 4];
+                    nibble | (((bits >> (e / 4)) & 1) as i32) << 4
+                } else if format == BlockFormat::Q6_K {
+                    let (h, s, m) = (e / 16, (e % 16) / 4, e % 4);
+                    let pairs = unit[ROW_GROUP * QK / 2 + h * 4 * ROW_GROUP + lane * 4 + m];
+                    nibble | (((pairs >> (2 * s)) & 3) as i32) << 4
+                } else {
+                    nibble
+                }
             }
         }
     }
 
     /// Block `b` of `row` reassembled as the file stored it (the first `format.block_bytes()`
-    /// bytes of the returned buffer): the inverse of [`BlockMatrix::pack`].
+    /// bytes of the returned buffer): the inverse of [`BlockMatrix::pack`] for the 32-element
+    /// formats.
     fn file_block(&self, row: usize, b: usize) -> [u8; BLOCK_Q8_0_BYTES] {
         let mut block = [0u8; BLOCK_Q8_0_BYTES];
         let at = self.unit(row, b) * ROW_GROUP + row % ROW_GROUP;
@@ -198,29 +367,49 @@ impl BlockMatrix {
                 }
                 return block;
             }
-            BlockFormat::Q4_0 => &mut block[2..BLOCK_Q4_0_BYTES],
             BlockFormat::Q4_1 => {
                 block[2..4].copy_from_slice(&self.minimums[at].to_le_bytes());
                 &mut block[4..BLOCK_Q4_1_BYTES]
             }
+            BlockFormat::Q5_0 => {
+                let high = (0..QK).fold(0u32, |h, e| h | (((self.quant(row, b, e) >> 4) as u32) << e));
+                block[2..6].copy_from_slice(&high.to_le_bytes());
+                &mut block[6..BLOCK_Q5_0_BYTES]
+            }
+            _ => &mut block[2..BLOCK_Q4_0_BYTES],
         };
         for (j, q) in quants.iter_mut().enumerate() {
-            *q = (self.quant(row, b, j) | self.quant(row, b, j + QK / 2) << 4) as u8;
+            *q = ((self.quant(row, b, j) & 0x0F) | (self.quant(row, b, j + QK / 2) & 0x0F) << 4) as u8;
         }
         block
     }
 
-    /// Row `r` decoded to f32 into `out` (`cols` values): each block reassembled as the file
-    /// stored it and decoded by the same code as every GGUF block, so the values are the file's.
+    /// Row `r` decoded to f32 into `out` (`cols` values), with the file's values exactly: a
+    /// 32-element block is reassembled as the file stored it and decoded by the same code as
+    /// every GGUF block; a K block is decoded from its parts with the same f32 operations, in
+    /// the same order, as [`dequantize_blocks_into`].
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let block_bytes = self.format.block_bytes();
         for (b, o) in out[..self.cols].chunks_exact_mut(QK).enumerate() {
-            dequantize_blocks_into(self.format.ggml(), &self.file_block(r, b)[..block_bytes], o);
+            match self.format {
+                BlockFormat::Q4_K => {
+                    let (scale, offset) = (self.scale(r, b) * self.sub_scale(r, b, 0) as f32, self.minimum(r, b) * self.sub_scale(r, b, 1) as f32);
+                    for (e, v) in o.iter_mut().enumerate() {
+                        *v = scale * self.quant(r, b, e) as f32 - offset;
+                    }
+                }
+                BlockFormat::Q6_K => {
+                    let d = self.scale(r, b);
+                    for (e, v) in o.iter_mut().enumerate() {
+                        *v = d * self.sub_scale(r, b, e / 16) as f32 * (self.quant(r, b, e) - 32) as f32;
+                    }
+                }
+                format => dequantize_blocks_into(format.ggml(), &self.file_block(r, b)[..format.block_bytes()], o),
+            }
         }
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        2 * (self.scales.len() + self.minimums.len()) + self.quants.len()
+        2 * (self.scales.len() + self.minimums.len()) + self.sub_scales.len() + self.quants.len()
     }
 }
 
@@ -287,6 +476,8 @@ pub struct Q8Activations {
     pub scales: Vec<f32>,
     /// Per block: `dx · Σ q`, the block sum the offsets and minimums multiply.
     pub scaled_sums: Vec<f32>,
+    /// Per block: `Σ q` over its first 16 and its last 16 elements (Q6_K's halves).
+    pub half_sums: Vec<i32>,
 }
 
 impl Q8Activations {
@@ -295,7 +486,13 @@ impl Q8Activations {
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Q8Activations {
         assert!(cols.is_multiple_of(QK) && x.len() >= rows * cols, "activations must be whole blocks of 32");
         let blocks = cols / QK;
-        let mut out = Q8Activations { blocks, qs: vec![0; rows * cols], scales: vec![0.0; rows * blocks], scaled_sums: vec![0.0; rows * blocks] };
+        let mut out = Q8Activations {
+            blocks,
+            qs: vec![0; rows * cols],
+            scales: vec![0.0; rows * blocks],
+            scaled_sums: vec![0.0; rows * blocks],
+            half_sums: vec![0; 2 * rows * blocks],
+        };
         for (b, chunk) in x[..rows * cols].chunks_exact(QK).enumerate() {
             let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
@@ -304,13 +501,14 @@ impl Q8Activations {
             // even) in plain SSE2 arithmetic, which the compiler vectorizes; `f32::round` is a
             // libm call per element (8% of a prefill in perf).
             const ROUNDER: f32 = 12_582_912.0;
-            let mut sum = 0i32;
-            for (q, v) in out.qs[b * QK..(b + 1) * QK].iter_mut().zip(chunk) {
+            let mut halves = [0i32; 2];
+            for (e, (q, v)) in out.qs[b * QK..(b + 1) * QK].iter_mut().zip(chunk).enumerate() {
                 *q = ((v * inverse + ROUNDER) - ROUNDER) as i8;
-                sum += *q as i32;
+                halves[e / 16] += *q as i32;
             }
             out.scales[b] = d;
-            out.scaled_sums[b] = d * sum as f32;
+            out.scaled_sums[b] = d * (halves[0] + halves[1]) as f32;
+            out.half_sums[2 * b..2 * b + 2].copy_from_slice(&halves);
         }
         out
     }
@@ -318,7 +516,12 @@ impl Q8Activations {
     /// Row `r` as the slices a dot product takes.
     pub fn row(&self, r: usize) -> Q8Row<'_> {
         let b = self.blocks;
-        Q8Row { qs: &self.qs[r * b * QK..(r + 1) * b * QK], scales: &self.scales[r * b..(r + 1) * b], scaled_sums: &self.scaled_sums[r * b..(r + 1) * b] }
+        Q8Row {
+            qs: &self.qs[r * b * QK..(r + 1) * b * QK],
+            scales: &self.scales[r * b..(r + 1) * b],
+            scaled_sums: &self.scaled_sums[r * b..(r + 1) * b],
+            half_sums: &self.half_sums[2 * r * b..2 * (r + 1) * b],
+        }
     }
 }
 
@@ -328,6 +531,7 @@ pub struct Q8Row<'a> {
     pub qs: &'a [i8],
     pub scales: &'a [f32],
     pub scaled_sums: &'a [f32],
+    pub half_sums: &'a [i32],
 }
 
 /// Activation rows the prefill path hands the kernels at once (each unpacked weight vector then
@@ -343,7 +547,10 @@ pub fn dot_groups<const T: usize>(kernel: QuantKernel, weights: &BlockMatrix, gr
     assert!(
         groups.start <= groups.end
             && groups.end <= weights.groups()
-            && x.iter().all(|r| r.scales.len() == blocks && r.qs.len() == blocks * QK && r.scaled_sums.len() == blocks)
+            && x.iter().all(|r| r.scales.len() == blocks
+                && r.qs.len() == blocks * QK
+                && r.scaled_sums.len() == blocks
+                && r.half_sums.len() == 2 * blocks)
             && out.iter().all(|o| o.len() == real_rows),
         "quantized dot operands disagree in length"
     );
@@ -353,7 +560,13 @@ pub fn dot_groups<const T: usize>(kernel: QuantKernel, weights: &BlockMatrix, gr
             // SAFETY: kernels other than Scalar are only chosen when their features were
             // detected (QuantKernel::for_level / all_supported); `g` is a group of `weights` and
             // every activation row holds `weights.blocks` blocks (checked above).
+            QuantKernel::Vnni if weights.format.is_k() => unsafe { x86::group_vnni_k(weights, g, &x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
             QuantKernel::Vnni => unsafe { x86::group_vnni(weights, g, &x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            QuantKernel::Avx2 if weights.format.is_k() => unsafe { x86::group_avx2_k(weights, g, &x) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             QuantKernel::Avx2 => unsafe { x86::group_avx2(weights, g, &x) },
@@ -383,12 +596,23 @@ pub mod scalar {
                 let xq = &x.qs[b * QK..(b + 1) * QK];
                 let sum: i32 = xq.iter().enumerate().map(|(e, &v)| w.quant(row, b, e) * v as i32).sum();
                 let d = w.scale(row, b);
-                total += d * x.scales[b] * sum as f32
-                    + match w.format {
-                        BlockFormat::Q8_0 => 0.0,
-                        BlockFormat::Q4_0 => -8.0 * d * x.scaled_sums[b],
-                        BlockFormat::Q4_1 => w.minimum(row, b) * x.scaled_sums[b],
-                    };
+                total += match w.format {
+                    BlockFormat::Q8_0 => d * x.scales[b] * sum as f32,
+                    BlockFormat::Q4_0 => d * x.scales[b] * sum as f32 - 8.0 * d * x.scaled_sums[b],
+                    BlockFormat::Q4_1 => d * x.scales[b] * sum as f32 + w.minimum(row, b) * x.scaled_sums[b],
+                    BlockFormat::Q5_0 => d * x.scales[b] * sum as f32 - 16.0 * d * x.scaled_sums[b],
+                    BlockFormat::Q4_K => {
+                        (d * w.sub_scale(row, b, 0) as f32) * x.scales[b] * sum as f32
+                            - (w.minimum(row, b) * w.sub_scale(row, b, 1) as f32) * x.scaled_sums[b]
+                    }
+                    BlockFormat::Q6_K => (0..2)
+                        .map(|h| {
+                            let half: i32 = (16 * h..16 * h + 16).map(|e| w.quant(row, b, e) * xq[e] as i32).sum();
+                            let exact = half - 32 * x.half_sums[2 * b + h];
+                            (d * w.sub_scale(row, b, h) as f32) * x.scales[b] * exact as f32
+                        })
+                        .sum(),
+                };
             }
             total
         })
@@ -400,7 +624,7 @@ mod x86 {
     //! The SIMD kernels on the packed layout: one row group per call, every activation row.
     use std::arch::x86_64::*;
 
-    use super::{BlockFormat, BlockMatrix, Q8Row, QK, ROW_GROUP};
+    use super::{BlockFormat, BlockMatrix, Q8Row, BLOCKS_PER_SUPER, QK, ROW_GROUP};
 
     /// Safety: AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C must be present; `g` is a row group of
     /// `w`, and every `x[t]` holds `w.blocks` blocks.
@@ -442,7 +666,28 @@ mod x86 {
         }
         match format {
             BlockFormat::Q8_0 => blocks!(|unit| std::array::from_fn(|k| _mm512_loadu_si512(unit.add(k * 64) as *const __m512i))),
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => blocks!(|unit| {
+            BlockFormat::Q5_0 => blocks!(|unit| {
+                let low = _mm512_set1_epi8(0x0F);
+                let fifth = _mm512_set1_epi8(0x10);
+                let raw: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(unit.add(j * 64) as *const __m512i));
+                let bits = _mm512_loadu_si512(unit.add(4 * 64) as *const __m512i);
+                // Bit k of each byte belongs to weight vector k: bring it to bit 4.
+                let high: [__m512i; 8] = [
+                    _mm512_slli_epi16::<4>(bits),
+                    _mm512_slli_epi16::<3>(bits),
+                    _mm512_slli_epi16::<2>(bits),
+                    _mm512_slli_epi16::<1>(bits),
+                    bits,
+                    _mm512_srli_epi16::<1>(bits),
+                    _mm512_srli_epi16::<2>(bits),
+                    _mm512_srli_epi16::<3>(bits),
+                ];
+                std::array::from_fn(|k| {
+                    let nibbles = if k < 4 { _mm512_and_si512(raw[k], low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), low) };
+                    _mm512_or_si512(nibbles, _mm512_and_si512(high[k], fifth))
+                })
+            }),
+            _ => blocks!(|unit| {
                 let low = _mm512_set1_epi8(0x0F);
                 let raw: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(unit.add(j * 64) as *const __m512i));
                 // Low nibbles are elements 4j.., high nibbles 16 + 4j.. (vector j + 4).
@@ -453,6 +698,166 @@ mod x86 {
         let mut out = [[0.0f32; ROW_GROUP]; T];
         for t in 0..T {
             _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_fmadd_ps(offsets[t], factor, sums[t]));
+        }
+        out
+    }
+
+    /// [`group_vnni`] for Q4_K and Q6_K.
+    ///
+    /// Safety: as [`group_vnni`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn group_vnni_k<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T]) -> [[f32; ROW_GROUP]; T] {
+        let format = w.format;
+        let unit_bytes = format.group_block_bytes();
+        let supers = w.blocks / BLOCKS_PER_SUPER;
+        let low = _mm512_set1_epi8(0x0F);
+        let mut sums = [_mm512_setzero_ps(); T];
+        let mut offsets = [_mm512_setzero_ps(); T];
+        for b in 0..w.blocks {
+            let unit = g * w.blocks + b;
+            let lanes = (g * supers + b / BLOCKS_PER_SUPER) * ROW_GROUP;
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(w.scales.as_ptr().add(lanes) as *const __m256i));
+            let subs = w.sub_scales.as_ptr().add(unit * 2 * ROW_GROUP);
+            let q = w.quants.as_ptr().add(unit * unit_bytes);
+            let raw: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(q.add(j * 64) as *const __m512i));
+            let nibbles: [__m512i; 8] =
+                std::array::from_fn(|k| if k < 4 { _mm512_and_si512(raw[k], low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), low) });
+            if format == BlockFormat::Q4_K {
+                // d·sc and dmin·m per lane, shared by every activation row.
+                let step = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(subs as *const __m128i))));
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(w.minimums.as_ptr().add(lanes) as *const __m256i));
+                let offset = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(subs.add(ROW_GROUP) as *const __m128i))));
+                for t in 0..T {
+                    let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
+                    let mut even = _mm512_setzero_si512();
+                    let mut odd = _mm512_setzero_si512();
+                    for k in (0..8).step_by(2) {
+                        even = _mm512_dpbusd_epi32(even, nibbles[k], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k))));
+                        odd = _mm512_dpbusd_epi32(odd, nibbles[k + 1], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k + 1))));
+                    }
+                    let products = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+                    sums[t] = _mm512_fmadd_ps(products, _mm512_mul_ps(step, _mm512_set1_ps(*x[t].scales.get_unchecked(b))), sums[t]);
+                    offsets[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[t]);
+                }
+            } else {
+                // Q6_K: the high bit pairs of weight vector 4h + s sit at bits 2s of vector h.
+                let pairs: [__m512i; 2] = std::array::from_fn(|h| _mm512_loadu_si512(q.add(ROW_GROUP * QK / 2 + h * 64) as *const __m512i));
+                let three = _mm512_set1_epi8(3);
+                let vectors: [__m512i; 8] = std::array::from_fn(|k| {
+                    let p = pairs[k / 4];
+                    let shifted = match k % 4 {
+                        0 => p,
+                        1 => _mm512_srli_epi16::<2>(p),
+                        2 => _mm512_srli_epi16::<4>(p),
+                        _ => _mm512_srli_epi16::<6>(p),
+                    };
+                    _mm512_or_si512(nibbles[k], _mm512_slli_epi16::<4>(_mm512_and_si512(shifted, three)))
+                });
+                let steps: [__m512; 2] =
+                    std::array::from_fn(|h| _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(subs.add(h * ROW_GROUP) as *const __m128i)))));
+                for t in 0..T {
+                    let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
+                    let dx = _mm512_set1_ps(*x[t].scales.get_unchecked(b));
+                    for h in 0..2 {
+                        let mut first = _mm512_setzero_si512();
+                        let mut second = _mm512_setzero_si512();
+                        for k in (4 * h..4 * h + 4).step_by(2) {
+                            first = _mm512_dpbusd_epi32(first, vectors[k], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k))));
+                            second = _mm512_dpbusd_epi32(second, vectors[k + 1], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k + 1))));
+                        }
+                        // Σ (q − 32)·qx, exact in 32 bits.
+                        let centred = _mm512_sub_epi32(_mm512_add_epi32(first, second), _mm512_set1_epi32(32 * *x[t].half_sums.get_unchecked(2 * b + h)));
+                        sums[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(steps[h], dx), sums[t]);
+                    }
+                }
+            }
+        }
+        let factor = _mm512_set1_ps(format.offset_factor());
+        let mut out = [[0.0f32; ROW_GROUP]; T];
+        for t in 0..T {
+            _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_fmadd_ps(offsets[t], factor, sums[t]));
+        }
+        out
+    }
+
+    /// [`group_avx2`] for Q4_K and Q6_K.
+    ///
+    /// Safety: as [`group_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_avx2_k<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T]) -> [[f32; ROW_GROUP]; T] {
+        let format = w.format;
+        let unit_bytes = format.group_block_bytes();
+        let supers = w.blocks / BLOCKS_PER_SUPER;
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm256_set1_epi8(0x0F);
+        let three = _mm256_set1_epi8(3);
+        let mut out = [[0.0f32; ROW_GROUP]; T];
+        for half in 0..2 {
+            let mut sums = [_mm256_setzero_ps(); T];
+            let mut offsets = [_mm256_setzero_ps(); T];
+            for b in 0..w.blocks {
+                let unit = g * w.blocks + b;
+                let lanes = (g * supers + b / BLOCKS_PER_SUPER) * ROW_GROUP + half * 8;
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.scales.as_ptr().add(lanes) as *const __m128i));
+                let subs = w.sub_scales.as_ptr().add(unit * 2 * ROW_GROUP + half * 8);
+                let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
+                let widen = |p: *const u8, signed: bool| {
+                    let bytes = _mm_loadl_epi64(p as *const __m128i);
+                    _mm256_cvtepi32_ps(if signed { _mm256_cvtepi8_epi32(bytes) } else { _mm256_cvtepu8_epi32(bytes) })
+                };
+                let mut vectors: [__m256i; 8] = std::array::from_fn(|k| {
+                    let raw = _mm256_loadu_si256(base.add((k % 4) * 64) as *const __m256i);
+                    if k < 4 {
+                        _mm256_and_si256(raw, low)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low)
+                    }
+                });
+                // Σ over the vectors `range` of weights × activation bytes, per lane.
+                let dot = |vectors: &[__m256i; 8], xp: *const i32, range: std::ops::Range<usize>| {
+                    let mut acc = _mm256_setzero_si256();
+                    for k in range {
+                        let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(k)));
+                        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(vectors[k], xv), ones));
+                    }
+                    acc
+                };
+                if format == BlockFormat::Q4_K {
+                    let step = _mm256_mul_ps(d, widen(subs, false));
+                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(w.minimums.as_ptr().add(lanes) as *const __m128i));
+                    let offset = _mm256_mul_ps(dmin, widen(subs.add(ROW_GROUP), false));
+                    for t in 0..T {
+                        let products = _mm256_cvtepi32_ps(dot(&vectors, x[t].qs.as_ptr().add(b * QK) as *const i32, 0..8));
+                        sums[t] = _mm256_fmadd_ps(products, _mm256_mul_ps(step, _mm256_set1_ps(*x[t].scales.get_unchecked(b))), sums[t]);
+                        offsets[t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[t]);
+                    }
+                } else {
+                    let pairs: [__m256i; 2] = std::array::from_fn(|h| _mm256_loadu_si256(base.add(ROW_GROUP * QK / 2 + h * 64) as *const __m256i));
+                    for (k, v) in vectors.iter_mut().enumerate() {
+                        let p = pairs[k / 4];
+                        let shifted = match k % 4 {
+                            0 => p,
+                            1 => _mm256_srli_epi16::<2>(p),
+                            2 => _mm256_srli_epi16::<4>(p),
+                            _ => _mm256_srli_epi16::<6>(p),
+                        };
+                        *v = _mm256_or_si256(*v, _mm256_slli_epi16::<4>(_mm256_and_si256(shifted, three)));
+                    }
+                    let steps = [_mm256_mul_ps(d, widen(subs, true)), _mm256_mul_ps(d, widen(subs.add(ROW_GROUP), true))];
+                    for t in 0..T {
+                        let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
+                        let dx = _mm256_set1_ps(*x[t].scales.get_unchecked(b));
+                        for (h, step) in steps.iter().enumerate() {
+                            let centred = _mm256_sub_epi32(dot(&vectors, xp, 4 * h..4 * h + 4), _mm256_set1_epi32(32 * *x[t].half_sums.get_unchecked(2 * b + h)));
+                            sums[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(*step, dx), sums[t]);
+                        }
+                    }
+                }
+            }
+            let factor = _mm256_set1_ps(format.offset_factor());
+            for t in 0..T {
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), _mm256_fmadd_ps(offsets[t], factor, sums[t]));
+            }
         }
         out
     }
@@ -481,7 +886,7 @@ mod x86 {
                 let vectors: [__m256i; 8] = match format {
                     // Back to signed weights: 255·127·2 would overflow vpmaddubsw's i16.
                     BlockFormat::Q8_0 => std::array::from_fn(|k| _mm256_xor_si256(_mm256_loadu_si256(base.add(k * 64) as *const __m256i), flip)),
-                    BlockFormat::Q4_0 | BlockFormat::Q4_1 => std::array::from_fn(|k| {
+                    _ => std::array::from_fn(|k| {
                         let raw = _mm256_loadu_si256(base.add((k % 4) * 64) as *const __m256i);
                         if k < 4 {
                             _mm256_and_si256(raw, low)
@@ -489,6 +894,23 @@ mod x86 {
                             _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low)
                         }
                     }),
+                };
+                let vectors = if format == BlockFormat::Q5_0 {
+                    // Bit k of each byte of the fifth-bit vector belongs to weight vector k.
+                    let bits = _mm256_loadu_si256(base.add(4 * 64) as *const __m256i);
+                    let high: [__m256i; 8] = [
+                        _mm256_slli_epi16::<4>(bits),
+                        _mm256_slli_epi16::<3>(bits),
+                        _mm256_slli_epi16::<2>(bits),
+                        _mm256_slli_epi16::<1>(bits),
+                        bits,
+                        _mm256_srli_epi16::<1>(bits),
+                        _mm256_srli_epi16::<2>(bits),
+                        _mm256_srli_epi16::<3>(bits),
+                    ];
+                    std::array::from_fn(|k| _mm256_or_si256(vectors[k], _mm256_and_si256(high[k], _mm256_set1_epi8(0x10))))
+                } else {
+                    vectors
                 };
                 for t in 0..T {
                     let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
@@ -524,7 +946,7 @@ mod tests {
     use crate::model::quant::{dequantize, quantize};
     use rand::{Rng, SeedableRng};
 
-    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1];
+    const FORMATS: [BlockFormat; 6] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q4_K, BlockFormat::Q6_K];
 
     /// Σ w_i x_i for row `r` of `weights` and one activation row of the same width.
     fn dot(kernel: QuantKernel, weights: &BlockMatrix, r: usize, x: Q8Row<'_>) -> f32 {
@@ -544,9 +966,10 @@ mod tests {
     fn packing_keeps_the_file_values_exactly() {
         // 3 and 21 rows: a partial group; 32: two whole groups.
         for &(rows, blocks) in &[(3usize, 1usize), (21, 3), (32, 18)] {
-            let cols = blocks * QK;
-            let values = random(rows * cols, blocks as u64);
             for format in FORMATS {
+                // `blocks` file blocks: super-blocks of 256 for the K types.
+                let cols = blocks * format.block_elements();
+                let values = random(rows * cols, blocks as u64);
                 let bytes = quantize(format.ggml(), &values).unwrap();
                 let packed = BlockMatrix::pack(format, rows, cols, &bytes);
                 let expected = dequantize(format.ggml(), &bytes, rows * cols).unwrap();
@@ -562,17 +985,17 @@ mod tests {
     #[test]
     fn every_kernel_matches_the_scalar_reference_and_the_float_product() {
         for &(rows, blocks) in &[(1usize, 1usize), (5, 2), (16, 3), (21, 17), (37, 18)] {
-            let cols = blocks * QK;
-            let w = random(rows * cols, blocks as u64);
-            let x: Vec<f32> = (0..ROWS_AT_ONCE).flat_map(|t| random(cols, 100 + (blocks * 7 + t) as u64)).collect();
-            let mut x = x;
-            x[5] = 0.0;
-            if blocks > 1 {
-                x[QK..2 * QK].fill(0.0); // an all-zero block
-            }
-            let activations = Q8Activations::quantize(&x, ROWS_AT_ONCE, cols);
-            let groups = rows.div_ceil(ROW_GROUP);
             for format in FORMATS {
+                // K types: the same number of 32-element blocks, rounded up to super-blocks.
+                let cols = blocks.next_multiple_of(format.block_elements() / QK) * QK;
+                let w = random(rows * cols, blocks as u64);
+                let mut x: Vec<f32> = (0..ROWS_AT_ONCE).flat_map(|t| random(cols, 100 + (blocks * 7 + t) as u64)).collect();
+                x[5] = 0.0;
+                if blocks > 1 {
+                    x[QK..2 * QK].fill(0.0); // an all-zero block
+                }
+                let activations = Q8Activations::quantize(&x, ROWS_AT_ONCE, cols);
+                let groups = rows.div_ceil(ROW_GROUP);
                 let bytes = quantize(format.ggml(), &w).unwrap();
                 let packed = BlockMatrix::pack(format, rows, cols, &bytes);
                 let dequantized = dequantize(format.ggml(), &bytes, rows * cols).unwrap();
@@ -629,6 +1052,43 @@ mod tests {
         assert!((reference - exact).abs() < 1e-3, "{reference} vs {exact}");
         for kernel in QuantKernel::all_supported() {
             assert!((dot(kernel, &packed, 0, activations.row(0)) - reference).abs() < 1e-3, "{kernel}");
+        }
+    }
+
+    /// K blocks of arbitrary bytes (every 6-bit scale, minimum and quant, Q6_K scales down to
+    /// −128: what other quantizers may write) against the float product of the file's values.
+    #[test]
+    fn k_blocks_of_any_bytes_match_the_float_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let (rows, cols) = (19, 2 * QK_K);
+        let x: Vec<f32> = (0..cols).map(|i| if i % 5 == 0 { -1.0 } else { rng.random_range(-1.0f32..1.0) }).collect();
+        let activations = Q8Activations::quantize(&x, 1, cols);
+        let xq: Vec<f32> = (0..cols).map(|i| activations.qs[i] as f32 * activations.scales[i / QK]).collect();
+        for format in [BlockFormat::Q4_K, BlockFormat::Q6_K] {
+            let mut bytes: Vec<u8> = (0..rows * 2 * format.block_bytes()).map(|_| rng.random()).collect();
+            for block in bytes.chunks_exact_mut(format.block_bytes()) {
+                let d = f16::from_f32(rng.random_range(1e-3f32..1e-2)).to_bits().to_le_bytes();
+                match format {
+                    BlockFormat::Q4_K => {
+                        block[0..2].copy_from_slice(&d);
+                        block[2..4].copy_from_slice(&f16::from_f32(rng.random_range(1e-3f32..1e-2)).to_bits().to_le_bytes());
+                    }
+                    _ => block[208..210].copy_from_slice(&d),
+                }
+            }
+            let packed = BlockMatrix::pack(format, rows, cols, &bytes);
+            let values = dequantize(format.ggml(), &bytes, rows * cols).unwrap();
+            for kernel in QuantKernel::all_supported() {
+                let mut out = vec![f32::NAN; rows];
+                dot_groups(kernel, &packed, 0..packed.groups(), [activations.row(0)], &mut [&mut out[..]]);
+                for r in 0..rows {
+                    let row = &values[r * cols..(r + 1) * cols];
+                    // Against the activation as quantized: only f32 rounding remains.
+                    let exact: f64 = row.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let magnitude: f64 = row.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                    assert!((out[r] as f64 - exact).abs() <= 1e-5 * magnitude + 1e-6, "{format:?} {kernel} row {r}: {} vs {exact}", out[r]);
+                }
+            }
         }
     }
 

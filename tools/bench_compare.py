@@ -7,7 +7,12 @@ to back, alternating which engine goes first, so drifting load on a shared machi
 alike. The figure is the median over rounds; the ratio is engram / llama.cpp, taken round by round.
 
 Files: models/SmolLM2-135M-Instruct.<TYPE>.gguf. The Q4_1 file is the shipped model; the others
-are made from it with `engram quantize` when missing (both engines then read the same bytes).
+are made from it when missing (both engines then read the same bytes): q8_0, q4_0, f16, f32
+with `engram quantize`; the llama.cpp mixes q4_k_m, q6_k and q5_0 with llama.cpp's own
+quantizer (llama-cpp-python's `llama_model_quantize`) from the F32 file, as users make them.
+SmolLM2-135M's rows of 576 are not whole 256-element super-blocks, so llama.cpp stores those
+matrices of a K file in its fallback types (Q5_0 for Q4_K, Q8_0 for Q6_K): only ffn_down (rows
+of 1536) and, in Q4_K_M, a few more are Q4_K/Q6_K.
 
 Requirements: the release binary (`cargo build --release`) and llama-cpp-python in the Python
 that runs this script (`pip install llama-cpp-python` builds llama.cpp from source).
@@ -36,9 +41,23 @@ def model_file(ty: str) -> Path:
     return MODELS / f"{BASE}.{ty.upper()}.gguf"
 
 
+# llama_ftype values of the files made with llama.cpp's quantizer.
+LLAMA_FTYPES = {"q4_k_m": 15, "q6_k": 18, "q5_0": 8}
+
+
 def ensure_file(binary: Path, ty: str) -> Path:
     path = model_file(ty)
-    if not path.exists():
+    if path.exists():
+        return path
+    if ty in LLAMA_FTYPES:
+        import ctypes
+        import llama_cpp
+        source = ensure_file(binary, "f32")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_FTYPES[ty]
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"llama.cpp could not quantize {source} to {ty}")
+    else:
         subprocess.run([str(binary), "quantize", str(model_file("q4_1")), str(path), "--type", ty], check=True)
     return path
 

@@ -48,7 +48,7 @@
 //! its low nibbles the same way and its high bit pairs in two more vectors per block: byte
 //! `4i+m` of vector `h` holds, in bits `2s..2s+2`, the pair of element `16h + 4s + m` of row `i`,
 //! so a shift and a mask put them above the nibbles of weight vector `4h + s`. Storage per 256
-//! weights: 148 bytes for Q4_K (file: 144), 226 for Q6_K (file: 210).
+//! weights: 148 bytes for Q4_K (file: 144), 210 for Q6_K (as the file).
 //!
 //! Rows are padded to a whole group with zero scales; their outputs are never written.
 

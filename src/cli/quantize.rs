@@ -25,17 +25,8 @@ pub struct QuantizeArgs {
 
 fn parse_type(text: &str) -> Result<GgmlType> {
     match GgmlType::from_name(&text.to_ascii_uppercase()) {
-        Some(
-            ty @ (GgmlType::Q8_0
-            | GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q4_K
-            | GgmlType::Q6_K
-            | GgmlType::F16
-            | GgmlType::BF16
-            | GgmlType::F32),
-        ) => Ok(ty),
+        // Every type engram decodes it also writes.
+        Some(ty) if ty.can_dequantize() => Ok(ty),
         _ => bail!("unknown or unsupported type '{text}' (expected q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, f16, bf16 or f32)"),
     }
 }

@@ -300,21 +300,26 @@ pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<BlockQ8_0>> {
         .collect())
 }
 
+/// The value of largest magnitude, sign kept (the first of equal magnitudes, as ggml's loop).
+fn signed_extreme(x: &[f32]) -> f32 {
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
 /// Quantizes to Q4_0 with ggml's reference rounding (`quantize_row_q4_0_ref`).
 pub fn quantize_q4_0(values: &[f32]) -> Result<Vec<BlockQ4_0>> {
     check_whole_blocks("Q4_0", values.len())?;
     Ok(values
         .chunks_exact(QK)
         .map(|x| {
-            let mut amax = 0.0f32;
-            let mut max = 0.0f32;
-            for &v in x {
-                if amax < v.abs() {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
-            let d = max / -8.0;
+            let d = signed_extreme(x) / -8.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let mut qs = [0u8; QK / 2];
             for (j, q) in qs.iter_mut().enumerate() {
@@ -354,15 +359,7 @@ pub fn quantize_q5_0(values: &[f32]) -> Result<Vec<u8>> {
     check_whole_blocks("Q5_0", values.len())?;
     let mut out = Vec::with_capacity(values.len() / QK * BLOCK_Q5_0_BYTES);
     for x in values.chunks_exact(QK) {
-        let mut amax = 0.0f32;
-        let mut max = 0.0f32;
-        for &v in x {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        let d = max / -16.0;
+        let d = signed_extreme(x) / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut high = 0u32;
         let mut qs = [0u8; QK / 2];
@@ -479,10 +476,9 @@ pub fn quantize_q6_k(values: &[f32]) -> Result<Vec<u8>> {
     for x in values.chunks_exact(QK_K) {
         let mut scales = [0.0f32; 16];
         for (sub, chunk) in x.chunks_exact(16).enumerate() {
-            let extreme = chunk.iter().fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-            scales[sub] = extreme / -32.0;
+            scales[sub] = signed_extreme(chunk) / -32.0;
         }
-        let largest = scales.iter().fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+        let largest = signed_extreme(&scales);
         let d = f16::from_f32(largest / -128.0);
         let df = d.to_f32();
         let sc: [i8; 16] = std::array::from_fn(|j| if df != 0.0 { clamped_round(scales[j] / df, -128, 127) as i8 } else { 0 });

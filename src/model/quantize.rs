@@ -50,18 +50,7 @@ fn is_embedding_or_output(name: &str) -> bool {
 /// as it is (no second rounding).
 pub fn quantize_gguf(input: &Path, output: &Path, matrix_type: GgmlType, embedding_type: GgmlType, mut progress: impl FnMut(usize, usize)) -> Result<QuantizeSummary> {
     for ty in [matrix_type, embedding_type] {
-        if !matches!(
-            ty,
-            GgmlType::Q8_0
-                | GgmlType::Q4_0
-                | GgmlType::Q4_1
-                | GgmlType::Q5_0
-                | GgmlType::Q4_K
-                | GgmlType::Q6_K
-                | GgmlType::F16
-                | GgmlType::BF16
-                | GgmlType::F32
-        ) {
+        if !ty.can_dequantize() {
             return Err(Error::Unsupported(format!("quantizing to {ty} (engram writes q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, f16, bf16 and f32)")));
         }
     }

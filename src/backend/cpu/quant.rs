@@ -667,9 +667,8 @@ mod x86 {
         match format {
             BlockFormat::Q8_0 => blocks!(|unit| std::array::from_fn(|k| _mm512_loadu_si512(unit.add(k * 64) as *const __m512i))),
             BlockFormat::Q5_0 => blocks!(|unit| {
-                let low = _mm512_set1_epi8(0x0F);
                 let fifth = _mm512_set1_epi8(0x10);
-                let raw: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(unit.add(j * 64) as *const __m512i));
+                let nibbles = nibbles_512(unit);
                 let bits = _mm512_loadu_si512(unit.add(4 * 64) as *const __m512i);
                 // Bit k of each byte belongs to weight vector k: bring it to bit 4.
                 let high: [__m512i; 8] = [
@@ -682,19 +681,32 @@ mod x86 {
                     _mm512_srli_epi16::<2>(bits),
                     _mm512_srli_epi16::<3>(bits),
                 ];
-                std::array::from_fn(|k| {
-                    let nibbles = if k < 4 { _mm512_and_si512(raw[k], low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), low) };
-                    _mm512_or_si512(nibbles, _mm512_and_si512(high[k], fifth))
-                })
+                std::array::from_fn(|k| _mm512_or_si512(nibbles[k], _mm512_and_si512(high[k], fifth)))
             }),
-            _ => blocks!(|unit| {
-                let low = _mm512_set1_epi8(0x0F);
-                let raw: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(unit.add(j * 64) as *const __m512i));
-                // Low nibbles are elements 4j.., high nibbles 16 + 4j.. (vector j + 4).
-                std::array::from_fn(|k| if k < 4 { _mm512_and_si512(raw[k], low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), low) })
-            }),
+            _ => blocks!(|unit| nibbles_512(unit)),
         }
-        let factor = _mm512_set1_ps(format.offset_factor());
+        finish_512(&sums, &offsets, format.offset_factor())
+    }
+
+    /// The 8 weight vectors of a packed block's nibble bytes at `unit`: low nibbles are elements
+    /// `4j..` (vector `j`), high nibbles `16 + 4j..` (vector `j + 4`).
+    ///
+    /// Safety: AVX-512 F/BW must be present and `unit` must point at 256 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn nibbles_512(unit: *const u8) -> [__m512i; 8] {
+        let low = _mm512_set1_epi8(0x0F);
+        let raw: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(unit.add(j * 64) as *const __m512i));
+        std::array::from_fn(|k| if k < 4 { _mm512_and_si512(raw[k], low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), low) })
+    }
+
+    /// `sums + factor·offsets` per activation row, 16 row lanes each.
+    ///
+    /// Safety: AVX-512 F must be present.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish_512<const T: usize>(sums: &[__m512; T], offsets: &[__m512; T], factor: f32) -> [[f32; ROW_GROUP]; T] {
+        let factor = _mm512_set1_ps(factor);
         let mut out = [[0.0f32; ROW_GROUP]; T];
         for t in 0..T {
             _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_fmadd_ps(offsets[t], factor, sums[t]));
@@ -710,7 +722,6 @@ mod x86 {
         let format = w.format;
         let unit_bytes = format.group_block_bytes();
         let supers = w.blocks / BLOCKS_PER_SUPER;
-        let low = _mm512_set1_epi8(0x0F);
         let mut sums = [_mm512_setzero_ps(); T];
         let mut offsets = [_mm512_setzero_ps(); T];
         for b in 0..w.blocks {
@@ -719,9 +730,7 @@ mod x86 {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(w.scales.as_ptr().add(lanes) as *const __m256i));
             let subs = w.sub_scales.as_ptr().add(unit * 2 * ROW_GROUP);
             let q = w.quants.as_ptr().add(unit * unit_bytes);
-            let raw: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(q.add(j * 64) as *const __m512i));
-            let nibbles: [__m512i; 8] =
-                std::array::from_fn(|k| if k < 4 { _mm512_and_si512(raw[k], low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), low) });
+            let nibbles = nibbles_512(q);
             if format == BlockFormat::Q4_K {
                 // d·sc and dmin·m per lane, shared by every activation row.
                 let step = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(subs as *const __m128i))));
@@ -772,12 +781,7 @@ mod x86 {
                 }
             }
         }
-        let factor = _mm512_set1_ps(format.offset_factor());
-        let mut out = [[0.0f32; ROW_GROUP]; T];
-        for t in 0..T {
-            _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_fmadd_ps(offsets[t], factor, sums[t]));
-        }
-        out
+        finish_512(&sums, &offsets, format.offset_factor())
     }
 
     /// [`group_avx2`] for Q4_K and Q6_K.

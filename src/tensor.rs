@@ -134,7 +134,7 @@ impl HostTensor {
     /// A tensor of GGUF blocks; checks that `ty` is one engram computes on and that `bytes` holds
     /// exactly the blocks `shape` needs, rows being whole blocks.
     pub fn quantized(shape: Vec<usize>, ty: GgmlType, bytes: Vec<u8>) -> Result<Self> {
-        if !matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q6_K) {
+        if DType::of_ggml(ty).and_then(DType::quant_type).is_none() {
             return Err(Error::Unsupported(format!("computing on {ty} weights (engram computes on Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K)")));
         }
         let row = shape.last().copied().unwrap_or(0);

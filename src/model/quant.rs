@@ -274,16 +274,16 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
     Ok(out)
 }
 
-fn check_whole_blocks(what: &str, len: usize) -> Result<()> {
-    if !len.is_multiple_of(QK) {
-        return Err(Error::Shape(format!("{what}: {len} values is not a multiple of the block size {QK}")));
+fn check_whole_blocks(what: &str, len: usize, block: usize) -> Result<()> {
+    if !len.is_multiple_of(block) {
+        return Err(Error::Shape(format!("{what}: {len} values is not a multiple of the block size {block}")));
     }
     Ok(())
 }
 
 /// Quantizes to Q8_0 with ggml's reference rounding (`quantize_row_q8_0_ref`).
 pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<BlockQ8_0>> {
-    check_whole_blocks("Q8_0", values.len())?;
+    check_whole_blocks("Q8_0", values.len(), QK)?;
     Ok(values
         .chunks_exact(QK)
         .map(|x| {
@@ -315,7 +315,7 @@ fn signed_extreme(x: &[f32]) -> f32 {
 
 /// Quantizes to Q4_0 with ggml's reference rounding (`quantize_row_q4_0_ref`).
 pub fn quantize_q4_0(values: &[f32]) -> Result<Vec<BlockQ4_0>> {
-    check_whole_blocks("Q4_0", values.len())?;
+    check_whole_blocks("Q4_0", values.len(), QK)?;
     Ok(values
         .chunks_exact(QK)
         .map(|x| {
@@ -335,7 +335,7 @@ pub fn quantize_q4_0(values: &[f32]) -> Result<Vec<BlockQ4_0>> {
 
 /// Quantizes to Q4_1 with ggml's reference rounding (`quantize_row_q4_1_ref`).
 pub fn quantize_q4_1(values: &[f32]) -> Result<Vec<BlockQ4_1>> {
-    check_whole_blocks("Q4_1", values.len())?;
+    check_whole_blocks("Q4_1", values.len(), QK)?;
     Ok(values
         .chunks_exact(QK)
         .map(|x| {
@@ -356,7 +356,7 @@ pub fn quantize_q4_1(values: &[f32]) -> Result<Vec<BlockQ4_1>> {
 
 /// Quantizes to Q5_0 with ggml's reference rounding (`quantize_row_q5_0_ref`).
 pub fn quantize_q5_0(values: &[f32]) -> Result<Vec<u8>> {
-    check_whole_blocks("Q5_0", values.len())?;
+    check_whole_blocks("Q5_0", values.len(), QK)?;
     let mut out = Vec::with_capacity(values.len() / QK * BLOCK_Q5_0_BYTES);
     for x in values.chunks_exact(QK) {
         let d = signed_extreme(x) / -16.0;
@@ -404,13 +404,6 @@ pub fn q6_k_quant(block: &[u8], e: usize) -> u8 {
     ((block[ql] >> shift) & 0x0F) | (((block[128 + qh] >> pair) & 3) << 4)
 }
 
-fn check_whole_super_blocks(what: &str, len: usize) -> Result<()> {
-    if !len.is_multiple_of(QK_K) {
-        return Err(Error::Shape(format!("{what}: {len} values is not a multiple of the super-block size {QK_K}")));
-    }
-    Ok(())
-}
-
 /// Nearest integer to `v` clamped to `lo..=hi` (NaN gives `lo`).
 fn clamped_round(v: f32, lo: i32, hi: i32) -> i32 {
     (v.round() as i32).clamp(lo, hi)
@@ -422,7 +415,7 @@ fn clamped_round(v: f32, lo: i32, hi: i32) -> i32 {
 /// be decoded with. Not ggml's searching quantizer (`make_qkx2_quants`): its rounding differs,
 /// the format is the same.
 pub fn quantize_q4_k(values: &[f32]) -> Result<Vec<u8>> {
-    check_whole_super_blocks("Q4_K", values.len())?;
+    check_whole_blocks("Q4_K", values.len(), QK_K)?;
     let mut out = Vec::with_capacity(values.len() / QK_K * BLOCK_Q4_K_BYTES);
     for x in values.chunks_exact(QK_K) {
         let mut steps = [0.0f32; 8];
@@ -471,7 +464,7 @@ pub fn quantize_q4_k(values: &[f32]) -> Result<Vec<u8>> {
 /// largest (f16 `d`), and each value is rounded with the scale it will be decoded with. Not
 /// ggml's searching quantizer (`make_qx_quants`): its rounding differs, the format is the same.
 pub fn quantize_q6_k(values: &[f32]) -> Result<Vec<u8>> {
-    check_whole_super_blocks("Q6_K", values.len())?;
+    check_whole_blocks("Q6_K", values.len(), QK_K)?;
     let mut out = Vec::with_capacity(values.len() / QK_K * BLOCK_Q6_K_BYTES);
     for x in values.chunks_exact(QK_K) {
         let mut scales = [0.0f32; 16];

@@ -648,16 +648,8 @@ mod x86 {
                     let $unit = w.quants.as_ptr().add(unit * unit_bytes);
                     let vectors: [__m512i; 8] = $vectors;
                     for t in 0..T {
-                        // Four activation bytes at a time, broadcast to every row's lane.
                         let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
-                        // Two chains of four keep the vpdpbusd latency off the critical path.
-                        let mut even = _mm512_setzero_si512();
-                        let mut odd = _mm512_setzero_si512();
-                        for k in (0..8).step_by(2) {
-                            even = _mm512_dpbusd_epi32(even, vectors[k], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k))));
-                            odd = _mm512_dpbusd_epi32(odd, vectors[k + 1], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k + 1))));
-                        }
-                        let products = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+                        let products = _mm512_cvtepi32_ps(dot_vectors_512(&vectors, xp, 0..8));
                         sums[t] = _mm512_fmadd_ps(products, _mm512_mul_ps(d, _mm512_set1_ps(*x[t].scales.get_unchecked(b))), sums[t]);
                         offsets[t] = _mm512_fmadd_ps(offset_scale, _mm512_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[t]);
                     }
@@ -700,6 +692,23 @@ mod x86 {
         std::array::from_fn(|k| if k < 4 { _mm512_and_si512(raw[k], low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), low) })
     }
 
+    /// Per row lane, `Σ_k` over the weight vectors `k` in `range` (an even count) of their 4
+    /// bytes times the activation's 4 bytes `4k..4k+4` at `xp`, broadcast to every lane.
+    ///
+    /// Safety: AVX-512 F/VNNI must be present and `xp` must point at `range.end` readable i32s.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn dot_vectors_512(vectors: &[__m512i; 8], xp: *const i32, range: std::ops::Range<usize>) -> __m512i {
+        // Two chains keep the vpdpbusd latency off the critical path.
+        let mut even = _mm512_setzero_si512();
+        let mut odd = _mm512_setzero_si512();
+        for k in range.step_by(2) {
+            even = _mm512_dpbusd_epi32(even, vectors[k], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k))));
+            odd = _mm512_dpbusd_epi32(odd, vectors[k + 1], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k + 1))));
+        }
+        _mm512_add_epi32(even, odd)
+    }
+
     /// `sums + factor·offsets` per activation row, 16 row lanes each.
     ///
     /// Safety: AVX-512 F must be present.
@@ -738,13 +747,7 @@ mod x86 {
                 let offset = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(subs.add(ROW_GROUP) as *const __m128i))));
                 for t in 0..T {
                     let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
-                    let mut even = _mm512_setzero_si512();
-                    let mut odd = _mm512_setzero_si512();
-                    for k in (0..8).step_by(2) {
-                        even = _mm512_dpbusd_epi32(even, nibbles[k], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k))));
-                        odd = _mm512_dpbusd_epi32(odd, nibbles[k + 1], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k + 1))));
-                    }
-                    let products = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+                    let products = _mm512_cvtepi32_ps(dot_vectors_512(&nibbles, xp, 0..8));
                     sums[t] = _mm512_fmadd_ps(products, _mm512_mul_ps(step, _mm512_set1_ps(*x[t].scales.get_unchecked(b))), sums[t]);
                     offsets[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[t]);
                 }
@@ -768,20 +771,28 @@ mod x86 {
                     let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
                     let dx = _mm512_set1_ps(*x[t].scales.get_unchecked(b));
                     for h in 0..2 {
-                        let mut first = _mm512_setzero_si512();
-                        let mut second = _mm512_setzero_si512();
-                        for k in (4 * h..4 * h + 4).step_by(2) {
-                            first = _mm512_dpbusd_epi32(first, vectors[k], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k))));
-                            second = _mm512_dpbusd_epi32(second, vectors[k + 1], _mm512_set1_epi32(std::ptr::read_unaligned(xp.add(k + 1))));
-                        }
                         // Σ (q − 32)·qx, exact in 32 bits.
-                        let centred = _mm512_sub_epi32(_mm512_add_epi32(first, second), _mm512_set1_epi32(32 * *x[t].half_sums.get_unchecked(2 * b + h)));
+                        let products = dot_vectors_512(&vectors, xp, 4 * h..4 * h + 4);
+                        let centred = _mm512_sub_epi32(products, _mm512_set1_epi32(32 * *x[t].half_sums.get_unchecked(2 * b + h)));
                         sums[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(steps[h], dx), sums[t]);
                     }
                 }
             }
         }
         finish_512(&sums, &offsets, format.offset_factor())
+    }
+
+    /// [`nibbles_512`] for the half row group (8 lanes, 32 bytes of each 64-byte vector) at
+    /// `base`.
+    ///
+    /// Safety: AVX2 must be present and `base` must point at 4 vectors 64 bytes apart of 32
+    /// readable bytes each.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles_256(base: *const u8) -> [__m256i; 8] {
+        let low = _mm256_set1_epi8(0x0F);
+        let raw: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(base.add(j * 64) as *const __m256i));
+        std::array::from_fn(|k| if k < 4 { _mm256_and_si256(raw[k], low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(raw[k - 4]), low) })
     }
 
     /// [`group_avx2`] for Q4_K and Q6_K.
@@ -793,7 +804,6 @@ mod x86 {
         let unit_bytes = format.group_block_bytes();
         let supers = w.blocks / BLOCKS_PER_SUPER;
         let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
         let three = _mm256_set1_epi8(3);
         let mut out = [[0.0f32; ROW_GROUP]; T];
         for half in 0..2 {
@@ -809,14 +819,7 @@ mod x86 {
                     let bytes = _mm_loadl_epi64(p as *const __m128i);
                     _mm256_cvtepi32_ps(if signed { _mm256_cvtepi8_epi32(bytes) } else { _mm256_cvtepu8_epi32(bytes) })
                 };
-                let mut vectors: [__m256i; 8] = std::array::from_fn(|k| {
-                    let raw = _mm256_loadu_si256(base.add((k % 4) * 64) as *const __m256i);
-                    if k < 4 {
-                        _mm256_and_si256(raw, low)
-                    } else {
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low)
-                    }
-                });
+                let mut vectors = nibbles_256(base);
                 // Σ over the vectors `range` of weights × activation bytes, per lane.
                 let dot = |vectors: &[__m256i; 8], xp: *const i32, range: std::ops::Range<usize>| {
                     let mut acc = _mm256_setzero_si256();
@@ -873,7 +876,6 @@ mod x86 {
         let format = w.format;
         let unit_bytes = format.group_block_bytes();
         let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
         let flip = _mm256_set1_epi8(-128);
         let mut out = [[0.0f32; ROW_GROUP]; T];
         // The group as two halves of 8 rows (32 bytes of every 64-byte vector).
@@ -890,14 +892,7 @@ mod x86 {
                 let vectors: [__m256i; 8] = match format {
                     // Back to signed weights: 255·127·2 would overflow vpmaddubsw's i16.
                     BlockFormat::Q8_0 => std::array::from_fn(|k| _mm256_xor_si256(_mm256_loadu_si256(base.add(k * 64) as *const __m256i), flip)),
-                    _ => std::array::from_fn(|k| {
-                        let raw = _mm256_loadu_si256(base.add((k % 4) * 64) as *const __m256i);
-                        if k < 4 {
-                            _mm256_and_si256(raw, low)
-                        } else {
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low)
-                        }
-                    }),
+                    _ => nibbles_256(base),
                 };
                 let vectors = if format == BlockFormat::Q5_0 {
                     // Bit k of each byte of the fifth-bit vector belongs to weight vector k.

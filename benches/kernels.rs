@@ -3,6 +3,7 @@
 //! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use engram::backend::cpu::buffer::WeightBuffer;
 use engram::backend::cpu::matmul::{matmul, CpuMatrix, WeightData};
 use engram::backend::cpu::quant::{self, BlockFormat, BlockMatrix, Q8Activations, QuantKernel, ROWS_AT_ONCE};
 use engram::backend::cpu::simd::{self, SimdLevel};
@@ -78,8 +79,8 @@ fn matmuls(c: &mut Criterion) {
     let (n, k) = (3072, 576);
     let w = random(n * k, 3);
     let matrices = [
-        ("f32".to_string(), CpuMatrix { rows: n, cols: k, data: WeightData::F32(w.clone()) }),
-        ("bf16".to_string(), CpuMatrix { rows: n, cols: k, data: WeightData::BF16(w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()) }),
+        ("f32".to_string(), CpuMatrix { rows: n, cols: k, data: WeightData::F32(WeightBuffer::copy_of(&w).unwrap()) }),
+        ("bf16".to_string(), CpuMatrix { rows: n, cols: k, data: WeightData::BF16(WeightBuffer::copy_of(&w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>()).unwrap()) }),
     ]
     .into_iter()
     .chain(

@@ -10,23 +10,24 @@
 use rayon::prelude::*;
 
 use super::quant::{self, BlockMatrix, Q8Activations, QuantKernel, ROW_GROUP};
+use super::buffer::WeightBuffer;
 use super::simd::{self, SimdLevel};
 
 /// Row counts up to this go through the weight-streaming GEMV path.
 pub const GEMV_MAX_ROWS: usize = 8;
 
 /// Weight storage; 16-bit types are kept as raw bits.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum WeightData {
-    F32(Vec<f32>),
-    BF16(Vec<u16>),
-    F16(Vec<u16>),
+    F32(WeightBuffer<f32>),
+    BF16(WeightBuffer<u16>),
+    F16(WeightBuffer<u16>),
     /// GGUF blocks repacked for the kernels (see `quant`).
     Quantized(BlockMatrix),
 }
 
 /// A `[rows, cols]` = `[out_features, in_features]` weight matrix.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CpuMatrix {
     pub rows: usize,
     pub cols: usize,
@@ -313,9 +314,9 @@ mod tests {
             let wb: Vec<u16> = w32.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
             let wh: Vec<u16> = w32.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
             let variants = [
-                (CpuMatrix { rows: n, cols: k, data: WeightData::F32(w32.clone()) }, w32.clone()),
-                (CpuMatrix { rows: n, cols: k, data: WeightData::BF16(wb.clone()) }, wb.iter().map(|&b| simd::scalar::bf16_bits_to_f32(b)).collect()),
-                (CpuMatrix { rows: n, cols: k, data: WeightData::F16(wh.clone()) }, wh.iter().map(|&b| simd::scalar::f16_bits_to_f32(b)).collect()),
+                (CpuMatrix { rows: n, cols: k, data: WeightData::F32(WeightBuffer::copy_of(&w32).unwrap()) }, w32.clone()),
+                (CpuMatrix { rows: n, cols: k, data: WeightData::BF16(WeightBuffer::copy_of(&wb).unwrap()) }, wb.iter().map(|&b| simd::scalar::bf16_bits_to_f32(b)).collect()),
+                (CpuMatrix { rows: n, cols: k, data: WeightData::F16(WeightBuffer::copy_of(&wh).unwrap()) }, wh.iter().map(|&b| simd::scalar::f16_bits_to_f32(b)).collect()),
             ];
             for rows in [1usize, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 33] {
                 let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();

@@ -2,6 +2,7 @@
 //! AVX-512/AVX2/scalar chosen at run time, and a rayon pool of its own (no global pool).
 
 pub mod attention;
+pub mod buffer;
 pub mod matmul;
 pub mod quant;
 pub mod simd;
@@ -50,6 +51,12 @@ impl CpuBackend {
     pub fn simd_level(&self) -> SimdLevel {
         self.level
     }
+}
+
+/// `values` copied into weight storage; failing to map memory is an out-of-memory error.
+fn weight_buffer<T: bytemuck::Pod>(values: &[T]) -> Result<buffer::WeightBuffer<T>> {
+    buffer::WeightBuffer::copy_of(values)
+        .map_err(|e| Error::InvalidInput(format!("cannot allocate {} bytes of weight memory: {e}", std::mem::size_of_val(values))))
 }
 
 fn rms_scale(level: SimdLevel, row: &[f32], eps: f32) -> f32 {
@@ -113,9 +120,9 @@ impl Backend for CpuBackend {
             return Err(Error::Shape(format!("a weight matrix must be 2-D, got shape {:?}", tensor.shape)));
         };
         let data = match &tensor.data {
-            TensorData::F32(v) => WeightData::F32(v.clone()),
-            TensorData::BF16(v) => WeightData::BF16(bytemuck::cast_slice(v).to_vec()),
-            TensorData::F16(v) => WeightData::F16(bytemuck::cast_slice(v).to_vec()),
+            TensorData::F32(v) => WeightData::F32(weight_buffer(v)?),
+            TensorData::BF16(v) => WeightData::BF16(weight_buffer(bytemuck::cast_slice(v))?),
+            TensorData::F16(v) => WeightData::F16(weight_buffer(bytemuck::cast_slice(v))?),
             TensorData::Quantized { ty, bytes } => {
                 let format = quant::BlockFormat::from_ggml(*ty)
                     .ok_or_else(|| Error::Unsupported(format!("{ty} weight matrices on the CPU")))?;

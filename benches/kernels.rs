@@ -1,4 +1,4 @@
-//! Criterion benches of the CPU kernels: each SIMD level of the dot products, each kernel of the
+//! Criterion benches of the CPU kernels: each SIMD level of the dot products and the SiLU gate, each kernel of the
 //! block-quantized products (one activation row, four at once), and the matmul paths (GEMV for
 //! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized.
 
@@ -21,6 +21,15 @@ fn dot_products(c: &mut Criterion) {
     for level in SimdLevel::all_supported() {
         group.bench_with_input(BenchmarkId::new("f32", level), &level, |bench, &l| bench.iter(|| simd::dot_f32(l, &a, &b)));
         group.bench_with_input(BenchmarkId::new("bf16", level), &level, |bench, &l| bench.iter(|| simd::dot_bf16(l, &bits, &b)));
+    }
+    group.finish();
+    // The MLP gate over one row of SmolLM2-135M's 1536 intermediate values.
+    let (gate, up) = (random(n, 3).iter().map(|v| 8.0 * v).collect::<Vec<f32>>(), random(n, 4));
+    let mut out = vec![0.0f32; n];
+    let mut group = c.benchmark_group("silu_mul");
+    group.throughput(Throughput::Elements(n as u64));
+    for level in SimdLevel::all_supported() {
+        group.bench_with_input(BenchmarkId::new("f32", level), &level, |bench, &l| bench.iter(|| simd::silu_mul(l, &gate, &up, &mut out)));
     }
     group.finish();
 }

@@ -235,12 +235,11 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate_up: &Vec<f32>, rows: usize, ffn: usize, out: &mut Vec<f32>) {
+        let level = self.level;
         out[..rows * ffn].par_chunks_mut(ffn).enumerate().for_each(|(r, o)| {
             let row = &gate_up[r * 2 * ffn..(r + 1) * 2 * ffn];
             let (gate, up) = row.split_at(ffn);
-            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
+            simd::silu_mul(level, gate, up, o);
         });
     }
 

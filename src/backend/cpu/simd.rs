@@ -163,17 +163,38 @@ pub fn dot_f16(level: SimdLevel, w: &[u16], x: &[f32]) -> f32 {
     }
 }
 
-/// Dots of four consecutive weight rows (`w` holds them back to back, `x.len()` each) with one
-/// input: decode streams four rows at once, which keeps more loads in flight per core than one
-/// row's chain and loads each input vector once for four rows. (f32 only: the same scheme on f16
-/// rows measured 15-20% slower than one row at a time, so 16-bit rows keep [`dot_f16`].)
-pub fn dot4_f32(level: SimdLevel, w: &[f32], x: &[f32]) -> [f32; 4] {
-    check_len(w.len(), 4 * x.len());
+/// Dots of four weight rows with one input, the rows streamed together: decode keeps four
+/// load streams in flight per core instead of one row's chain, and loads each input vector once
+/// for four rows. Rows in different 4 KiB pages stream fastest (see `CpuMatrix::dot_rows`).
+pub fn dot4_f32(level: SimdLevel, rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    rows.iter().for_each(|row| check_len(row.len(), x.len()));
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see dot_f32.
-        SimdLevel::Avx512 => unsafe { x86::dot4_f32_avx512(w, x) },
-        _ => std::array::from_fn(|r| dot_f32(level, &w[r * x.len()..(r + 1) * x.len()], x)),
+        SimdLevel::Avx512 => unsafe { x86::dot4_f32_avx512(rows, x) },
+        _ => rows.map(|row| dot_f32(level, row, x)),
+    }
+}
+
+/// [`dot4_f32`] on bf16 rows (raw bits).
+pub fn dot4_bf16(level: SimdLevel, rows: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
+    rows.iter().for_each(|row| check_len(row.len(), x.len()));
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx512 => unsafe { x86::dot4_bf16_avx512(rows, x) },
+        _ => rows.map(|row| dot_bf16(level, row, x)),
+    }
+}
+
+/// [`dot4_f32`] on f16 rows (raw bits).
+pub fn dot4_f16(level: SimdLevel, rows: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
+    rows.iter().for_each(|row| check_len(row.len(), x.len()));
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx512 => unsafe { x86::dot4_f16_avx512(rows, x) },
+        _ => rows.map(|row| dot_f16(level, row, x)),
     }
 }
 
@@ -342,20 +363,33 @@ mod x86 {
     dot_half_avx512!(dot_f16_avx512, load_f16x16, super::scalar::dot_f16);
 
     /// Four rows against one input: one accumulator per row (four independent FMA chains).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot4_f32_avx512(w: &[f32], x: &[f32]) -> [f32; 4] {
-        let k = x.len();
-        let (pw, px) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 16 <= k {
-            let xv = _mm512_loadu_ps(px.add(i));
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                *acc_r = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(r * k + i)), xv, *acc_r);
+    macro_rules! dot4_avx512 {
+        ($name:ident, $t:ty, $load:ident, $tail:path) => {
+            #[target_feature(enable = "avx512f")]
+            pub unsafe fn $name(rows: [&[$t]; 4], x: &[f32]) -> [f32; 4] {
+                let k = x.len();
+                let (pw, px) = (rows.map(|row| row.as_ptr()), x.as_ptr());
+                let mut acc = [_mm512_setzero_ps(); 4];
+                let mut i = 0;
+                while i + 16 <= k {
+                    let xv = _mm512_loadu_ps(px.add(i));
+                    for (r, acc_r) in acc.iter_mut().enumerate() {
+                        *acc_r = _mm512_fmadd_ps($load(pw[r].add(i)), xv, *acc_r);
+                    }
+                    i += 16;
+                }
+                std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + $tail(&rows[r][i..], &x[i..]))
             }
-            i += 16;
-        }
-        std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]) + super::scalar::dot_f32(&w[r * k + i..(r + 1) * k], &x[i..]))
+        };
+    }
+    dot4_avx512!(dot4_f32_avx512, f32, load_f32x16, super::scalar::dot_f32);
+    dot4_avx512!(dot4_f16_avx512, u16, load_f16x16, super::scalar::dot_f16);
+    dot4_avx512!(dot4_bf16_avx512, u16, load_bf16x16, super::scalar::dot_bf16);
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_f32x16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
     }
 
     #[target_feature(enable = "avx512f")]
@@ -591,12 +625,23 @@ mod tests {
         for level in SimdLevel::all_supported() {
             for k in AWKWARD_LENGTHS {
                 let w = random_vec(&mut rng, 4 * k);
+                let w16: Vec<u16> = w.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                let wb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let rows_b: Vec<&[u16]> = wb.chunks(k.max(1)).collect();
                 let x = random_vec(&mut rng, k);
-                let got = dot4_f32(level, &w, &x);
-                for r in 0..4 {
-                    let row = &w[r * k..(r + 1) * k];
+                let (rows, rows16): (Vec<&[f32]>, Vec<&[u16]>) = (w.chunks(k).collect(), w16.chunks(k).collect());
+                let (got, got16) = (dot4_f32(level, [rows[2], rows[0], rows[3], rows[1]], &x), dot4_f16(level, [rows16[2], rows16[0], rows16[3], rows16[1]], &x));
+                let order = [2, 0, 3, 1];
+                for (r, &o) in order.iter().enumerate() {
+                    let row = &w[o * k..(o + 1) * k];
                     let want = scalar::dot_f32(row, &x);
                     assert!((want - got[r]).abs() <= tolerance(row, &x), "{level} k={k} row {r}: {} vs {want}", got[r]);
+                    let row16 = &w16[o * k..(o + 1) * k];
+                    let want16 = scalar::dot_f16(row16, &x);
+                    assert!((want16 - got16[r]).abs() <= tolerance(row, &x), "{level} f16 k={k} row {r}: {} vs {want16}", got16[r]);
+                    let want_b = scalar::dot_bf16(&wb[o * k..(o + 1) * k], &x);
+                    let got_b = dot4_bf16(level, [rows_b[2], rows_b[0], rows_b[3], rows_b[1]], &x)[r];
+                    assert!((want_b - got_b).abs() <= tolerance(row, &x), "{level} bf16 k={k} row {r}: {got_b} vs {want_b}");
                 }
             }
         }

@@ -313,6 +313,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn statistics_read_back_to_the_last_bit() {
+        // 1.9696014137792506 read back one ulp off (as ...504) through serde_json's default float parser.
+        let dir = tempfile::tempdir().unwrap();
+        let mut bank = MemoryBank::new(None, 8, 3);
+        let mut m = memory("cook", 8, 3, 0.0);
+        let hard = [1.9696014137792506, 1.9696014137792504, 0.1 + 0.2, 2.2250738585072014e-308, 5e-324, 1.7976931348623157e308, 0.8651642096734512];
+        m.meta.layers = hard.iter().enumerate().map(|(i, &v)| LayerStats { layer: i % 3, norm: v, auc: 1.0 - v.min(1.0), held_out_auc: Some(v / 3.0), selected: i % 3 == 1 }).collect();
+        bank.add(m).unwrap();
+        let path = dir.path().join("bank.safetensors");
+        bank.write(&path).unwrap();
+        let read = MemoryBank::read(&path).unwrap();
+        for (got, want) in read.memories[0].meta.layers.iter().zip(&bank.memories[0].meta.layers) {
+            assert_eq!(got.norm.to_bits(), want.norm.to_bits());
+            assert_eq!(got.auc.to_bits(), want.auc.to_bits());
+            assert_eq!(got.held_out_auc.map(f64::to_bits), want.held_out_auc.map(f64::to_bits));
+        }
+    }
+
+    #[test]
     fn round_trip_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
         let mut bank = MemoryBank::new(Some("llama".into()), 8, 3);

@@ -1,7 +1,7 @@
 //! Weight matrices on the CPU and the product `x · Wᵀ`: GEMV for few rows, gemm for many.
 //!
 //! Decode (1..=GEMV_MAX_ROWS rows) is memory-bound: each thread streams disjoint weight rows
-//! once and dots them with every input row. Prefill is compute-bound: the `gemm` crate's packed,
+//! once, four sequential streams at a time, and dots them with every input row. Prefill is compute-bound: the `gemm` crate's packed,
 //! register-blocked f32 kernels, with 16-bit weights widened chunk by chunk into scratch.
 //! Block-quantized weights take integer products in both (see `quant`): the input is quantized
 //! to 8 bits once per product and meets row groups of 16 weight rows, four input rows at a time
@@ -121,9 +121,8 @@ fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix,
         WeightData::Quantized(blocks) => quantized_products(QuantKernel::for_level(level), threads, x, rows, blocks, out),
         _ => {
             // Tiles of weight rows run against every input, so that a tile stays in L1 across
-            // the inputs.
-            // With one input there is nothing to keep: the task's whole run is one tile, so
-            // that dot_rows' four streams run long.
+            // the inputs. With one input there is nothing to keep: the task's whole run is one
+            // tile, so that dot_rows' four streams run long.
             const TILE_ROWS: usize = 32;
             by_column_blocks(rows, w.rows, chunk_len(w.rows, threads), out, |start, block| {
                 let width = block.len() / rows;

@@ -23,7 +23,11 @@ fn dot_products(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("bf16", level), &level, |bench, &l| bench.iter(|| simd::dot_bf16(l, &bits, &b)));
     }
     group.finish();
-    // The MLP gate over one row of SmolLM2-135M's 1536 intermediate values.
+}
+
+/// The MLP gate over one row of SmolLM2-135M's 1536 intermediate values.
+fn silu_gate(c: &mut Criterion) {
+    let n = 1536;
     let (gate, up) = (random(n, 3).iter().map(|v| 8.0 * v).collect::<Vec<f32>>(), random(n, 4));
     let mut out = vec![0.0f32; n];
     let mut group = c.benchmark_group("silu_mul");
@@ -112,5 +116,5 @@ fn matmuls(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, dot_products, quantized_products, matmuls);
+criterion_group!(benches, dot_products, silu_gate, quantized_products, matmuls);
 criterion_main!(benches);

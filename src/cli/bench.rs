@@ -264,9 +264,9 @@ fn memory_bandwidth(backend: &CpuBackend) -> f64 {
     let one_stream = |chunk: &[f32]| simd::sum_squares(level, chunk);
     let four_streams = |chunk: &[f32]| {
         let quarter = chunk.len() / 4;
-        let q: Vec<&[f32]> = chunk.chunks_exact(quarter).collect();
+        let q: [&[f32]; 4] = std::array::from_fn(|i| &chunk[i * quarter..(i + 1) * quarter]);
         // Each quarter dotted with the first: every byte of the chunk is read once from memory.
-        simd::dot4_f32(level, [q[0], q[1], q[2], q[3]], q[0]).iter().sum::<f32>()
+        simd::dot4_f32(level, q, q[0]).iter().sum::<f32>()
     };
     let reading = |read: &(dyn Fn(&[f32]) -> f32 + Sync)| {
         let mut rates = Vec::new();

@@ -59,14 +59,13 @@ impl CpuMatrix {
                 WeightData::F32(w) => simd::dot4_f32(level, rows.map(|r| &w[row(r)]), x),
                 WeightData::F16(w) => simd::dot4_f16(level, rows.map(|r| &w[row(r)]), x),
                 WeightData::BF16(w) => simd::dot4_bf16(level, rows.map(|r| &w[row(r)]), x),
-                WeightData::Quantized(_) => break,
+                WeightData::Quantized(_) => unreachable!("quantized rows go through their own gemv arm"),
             };
             for (r, dot) in rows.into_iter().zip(dots) {
                 out[r] = dot;
             }
         }
-        let done = if matches!(self.data, WeightData::Quantized(_)) { 0 } else { 4 * quarter };
-        for (j, o) in out.iter_mut().enumerate().skip(done) {
+        for (j, o) in out.iter_mut().enumerate().skip(4 * quarter) {
             *o = self.dot_row(level, first + j, x);
         }
     }

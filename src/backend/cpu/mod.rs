@@ -53,7 +53,7 @@ impl CpuBackend {
     }
 }
 
-/// `values` copied into weight storage; failing to map memory is an out-of-memory error.
+/// `values` copied into weight storage; a failed mapping (out of memory) names the size asked for.
 fn weight_buffer<T: bytemuck::Pod>(values: &[T]) -> Result<buffer::WeightBuffer<T>> {
     buffer::WeightBuffer::copy_of(values)
         .map_err(|e| Error::InvalidInput(format!("cannot allocate {} bytes of weight memory: {e}", std::mem::size_of_val(values))))

@@ -627,21 +627,21 @@ mod tests {
                 let w = random_vec(&mut rng, 4 * k);
                 let w16: Vec<u16> = w.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
                 let wb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-                let rows_b: Vec<&[u16]> = wb.chunks(k.max(1)).collect();
                 let x = random_vec(&mut rng, k);
-                let (rows, rows16): (Vec<&[f32]>, Vec<&[u16]>) = (w.chunks(k).collect(), w16.chunks(k).collect());
-                let (got, got16) = (dot4_f32(level, [rows[2], rows[0], rows[3], rows[1]], &x), dot4_f16(level, [rows16[2], rows16[0], rows16[3], rows16[1]], &x));
-                let order = [2, 0, 3, 1];
+                // Rows in any order: the kernels take four independent slices.
+                let order = [2usize, 0, 3, 1];
+                let (rows, rows16, rows_b): (Vec<&[f32]>, Vec<&[u16]>, Vec<&[u16]>) = (w.chunks(k).collect(), w16.chunks(k).collect(), wb.chunks(k).collect());
+                let got = dot4_f32(level, order.map(|o| rows[o]), &x);
+                let got16 = dot4_f16(level, order.map(|o| rows16[o]), &x);
+                let got_b = dot4_bf16(level, order.map(|o| rows_b[o]), &x);
                 for (r, &o) in order.iter().enumerate() {
-                    let row = &w[o * k..(o + 1) * k];
+                    let row = rows[o];
                     let want = scalar::dot_f32(row, &x);
                     assert!((want - got[r]).abs() <= tolerance(row, &x), "{level} k={k} row {r}: {} vs {want}", got[r]);
-                    let row16 = &w16[o * k..(o + 1) * k];
-                    let want16 = scalar::dot_f16(row16, &x);
+                    let want16 = scalar::dot_f16(rows16[o], &x);
                     assert!((want16 - got16[r]).abs() <= tolerance(row, &x), "{level} f16 k={k} row {r}: {} vs {want16}", got16[r]);
-                    let want_b = scalar::dot_bf16(&wb[o * k..(o + 1) * k], &x);
-                    let got_b = dot4_bf16(level, [rows_b[2], rows_b[0], rows_b[3], rows_b[1]], &x)[r];
-                    assert!((want_b - got_b).abs() <= tolerance(row, &x), "{level} bf16 k={k} row {r}: {got_b} vs {want_b}");
+                    let want_b = scalar::dot_bf16(rows_b[o], &x);
+                    assert!((want_b - got_b[r]).abs() <= tolerance(row, &x), "{level} bf16 k={k} row {r}: {} vs {want_b}", got_b[r]);
                 }
             }
         }

@@ -6,6 +6,7 @@ pub mod buffer;
 pub mod matmul;
 pub mod quant;
 pub mod simd;
+pub mod warm;
 
 use rayon::prelude::*;
 
@@ -112,7 +113,7 @@ impl Backend for CpuBackend {
     }
 
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(work)
+        self.pool.install(|| warm::with_threads_awake(self.threads, work))
     }
 
     fn matrix(&self, tensor: &HostTensor) -> Result<CpuMatrix> {

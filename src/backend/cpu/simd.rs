@@ -566,7 +566,8 @@ mod x86 {
         }
     }
 
-    /// The per-row kernels above, inlined into one loop per level.
+    /// The per-row kernels above, inlined into one loop (AVX2; the AVX-512 pair above blocks
+    /// positions and keeps the sums in registers).
     macro_rules! strided {
         ($dots:ident, $axpys:ident, $dot:ident, $axpy:ident, $features:literal) => {
             #[target_feature(enable = $features)]
@@ -585,7 +586,113 @@ mod x86 {
             }
         };
     }
-    strided!(strided_dots_avx512, strided_axpys_avx512, dot_f32_avx512, axpy_avx512, "avx512f");
+    /// The lanes of vector `v` (of a run of 16-float vectors) that fall inside `len` values.
+    #[inline]
+    fn lanes_in(len: usize, v: usize) -> __mmask16 {
+        let inside = len.saturating_sub(16 * v).min(16);
+        ((1u32 << inside) - 1) as __mmask16
+    }
+
+    /// Lane `j` of the result is the sum of `v[4·(j % 4) + j / 4]`: sixteen horizontal sums
+    /// in 15 adds and 30 shuffles (a transposing tree), where one `reduce_add` per vector costs
+    /// about as much each. Callers place their inputs in that order so the lanes come out in
+    /// place (the order is its own inverse).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sums_of_16(v: &[__m512; 16]) -> __m512 {
+        // Halves of 256 bits folded: pair (a, b) -> lanes 0-1 sum to a, lanes 2-3 to b.
+        let t: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+        });
+        // 128-bit lane k of u[i] sums to v[4i + k].
+        let u: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (t[2 * i], t[2 * i + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+        });
+        // Within each 128-bit lane k: elements 0-1 sum to v[8i + k], 2-3 to v[8i + 4 + k].
+        let w: [__m512; 2] = std::array::from_fn(|i| {
+            let (a, b) = (u[2 * i], u[2 * i + 1]);
+            _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b))
+        });
+        // Element e of 128-bit lane k: the sum of v[4e + k].
+        _mm512_add_ps(_mm512_shuffle_ps::<0x88>(w[0], w[1]), _mm512_shuffle_ps::<0xDD>(w[0], w[1]))
+    }
+
+    /// Attention scores over cached keys, sixteen positions per step: the sixteen positions'
+    /// products accumulate in sixteen independent vectors (one chain each would wait on the
+    /// FMA latency), then reduce together (see `sums_of_16`).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn strided_dots_avx512(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let (width, count) = (q.len(), out.len());
+        let (pq, pr) = (q.as_ptr(), rows.as_ptr());
+        let mut t = 0;
+        while t < count {
+            let take = (count - t).min(16);
+            // Slot s holds position 4·(s % 4) + s / 4, so that the sums land in order; slots
+            // past the last position load nothing (an all-zero mask reads no memory).
+            let position = |slot: usize| 4 * (slot % 4) + slot / 4;
+            let starts: [*const f32; 16] = std::array::from_fn(|slot| pr.wrapping_add((t + position(slot)) * stride));
+            let present: [__mmask16; 16] = std::array::from_fn(|slot| if position(slot) < take { 0xffff } else { 0 });
+            let mut partials = [_mm512_setzero_ps(); 16];
+            let whole = width / 16;
+            if take == 16 {
+                // Every slot present: plain loads (per-slot masks cost mask-register moves).
+                for v in 0..whole {
+                    let qv = _mm512_loadu_ps(pq.add(16 * v));
+                    for (slot, partial) in partials.iter_mut().enumerate() {
+                        *partial = _mm512_fmadd_ps(qv, _mm512_loadu_ps(starts[slot].add(16 * v)), *partial);
+                    }
+                }
+            }
+            for v in if take == 16 { whole } else { 0 }..width.div_ceil(16) {
+                let mask = lanes_in(width, v);
+                let qv = _mm512_maskz_loadu_ps(mask, pq.add(16 * v));
+                for (slot, partial) in partials.iter_mut().enumerate() {
+                    let k = _mm512_maskz_loadu_ps(mask & present[slot], starts[slot].wrapping_add(16 * v));
+                    *partial = _mm512_fmadd_ps(qv, k, *partial);
+                }
+            }
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), lanes_in(take, 0), sums_of_16(&partials));
+            t += take;
+        }
+    }
+
+    /// The attention-weighted sum of cached values with `y` held in registers, 64 values at a
+    /// time across every row (one load and store of `y` per 64 values, not per row); even and
+    /// odd rows go to separate accumulators, so two FMA chains per vector hide the latency.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn strided_axpys_avx512(weights: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
+        let n = y.len();
+        let (pr, py) = (rows.as_ptr(), y.as_mut_ptr());
+        let mut c = 0;
+        while c < n {
+            let masks: [__mmask16; 4] = std::array::from_fn(|v| lanes_in(n - c, v));
+            // Masked-out lanes are never touched, so addresses past the slice are not read.
+            let mut even: [__m512; 4] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], py.wrapping_add(c + 16 * v)));
+            let mut odd = [_mm512_setzero_ps(); 4];
+            let mut pairs = weights.chunks_exact(2);
+            let row = |t: usize, v: usize| pr.wrapping_add(t * stride + c + 16 * v);
+            for (i, pair) in pairs.by_ref().enumerate() {
+                let (w0, w1) = (_mm512_set1_ps(pair[0]), _mm512_set1_ps(pair[1]));
+                for v in 0..4 {
+                    even[v] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(masks[v], row(2 * i, v)), even[v]);
+                    odd[v] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(masks[v], row(2 * i + 1, v)), odd[v]);
+                }
+            }
+            if let [w] = pairs.remainder() {
+                let (wv, last) = (_mm512_set1_ps(*w), weights.len() - 1);
+                for v in 0..4 {
+                    even[v] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(masks[v], row(last, v)), even[v]);
+                }
+            }
+            for v in 0..4 {
+                _mm512_mask_storeu_ps(py.wrapping_add(c + 16 * v), masks[v], _mm512_add_ps(even[v], odd[v]));
+            }
+            c += 64;
+        }
+    }
+
     strided!(strided_dots_avx2, strided_axpys_avx2, dot_f32_avx2, axpy_avx2, "avx2,fma");
 }
 
@@ -698,7 +805,7 @@ mod tests {
     fn strided_kernels_match_scalar_reference_on_every_level() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(10);
         for level in SimdLevel::all_supported() {
-            for (width, stride, count) in [(64usize, 192usize, 37usize), (17, 17, 5), (64, 64, 1), (32, 40, 0)] {
+            for (width, stride, count) in [(64usize, 192usize, 37usize), (64, 192, 100), (17, 17, 5), (64, 64, 1), (32, 40, 0), (80, 96, 19), (130, 130, 16), (3, 5, 33)] {
                 let q = random_vec(&mut rng, width);
                 let rows = random_vec(&mut rng, (count.max(1) - 1) * stride + width);
                 let mut want = vec![0.0; count];

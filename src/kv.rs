@@ -16,7 +16,7 @@ impl<B: Backend> KvCache<B> {
         if slots == 0 || capacity == 0 {
             return Err(Error::InvalidInput("a KV cache needs at least one slot and one position".into()));
         }
-        let store = backend.kv_store(config.num_hidden_layers, slots, capacity, config.kv_dim())?;
+        let store = backend.kv_store(config.num_hidden_layers, slots, capacity, crate::forward::attention_layout(config))?;
         Ok(KvCache { store, lengths: vec![0; slots], capacity })
     }
 

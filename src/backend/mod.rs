@@ -70,7 +70,9 @@ pub trait Backend: Send + Sync {
     fn upload(&self, data: &[f32], dst: &mut Self::Buffer) -> Result<()>;
     /// Copies the first `out.len()` values of `src` to the host.
     fn download(&self, src: &Self::Buffer, out: &mut [f32]) -> Result<()>;
-    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, kv_dim: usize) -> Result<Self::KvStore>;
+    /// The cache for `layers` × `slots` × `max_positions` K and V rows of `layout`'s KV heads
+    /// (each backend lays them out as its attention reads them best).
+    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout) -> Result<Self::KvStore>;
     /// Copies the first `positions` K and V entries of every layer from `from_slot` to
     /// `to_slot` (a shared prompt prefix computed once and continued in several slots).
     fn copy_kv_prefix(&self, kv: &mut Self::KvStore, from_slot: usize, to_slot: usize, positions: usize);

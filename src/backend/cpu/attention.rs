@@ -1,4 +1,9 @@
 //! Causal attention over the preallocated KV cache on the CPU (GQA-aware, one task per row×head).
+//!
+//! The cache is head-major: each KV head's positions lie one after another, so the scores and
+//! the weighted sum of values read one sequential stream per head, which the hardware
+//! prefetchers follow. Position-major rows read 64 of every 192 values per head, and at 4000
+//! positions attention ran at about a quarter of the memory bandwidth.
 
 use rayon::prelude::*;
 
@@ -6,25 +11,29 @@ use super::matmul::{gemm_strided, MatRef};
 use super::simd::{self, SimdLevel};
 use crate::backend::{AttentionLayout, RowTable};
 
-/// K and V of every layer, slot and position, allocated once: `[layer][slot][position][kv_dim]`.
+/// K and V of every layer, slot, KV head and position, allocated once:
+/// `[layer][slot][kv_head][position][head_dim]`.
 #[derive(Debug)]
 pub struct CpuKvStore {
     pub layers: usize,
     pub slots: usize,
     pub max_positions: usize,
-    pub kv_dim: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
     pub keys: Vec<f32>,
     pub values: Vec<f32>,
 }
 
 impl CpuKvStore {
-    pub fn new(layers: usize, slots: usize, max_positions: usize, kv_dim: usize) -> Self {
-        let len = layers * slots * max_positions * kv_dim;
-        CpuKvStore { layers, slots, max_positions, kv_dim, keys: vec![0.0; len], values: vec![0.0; len] }
+    pub fn new(layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout) -> Self {
+        let len = layers * slots * max_positions * layout.kv_dim();
+        let (kv_heads, head_dim) = (layout.kv_heads, layout.head_dim);
+        CpuKvStore { layers, slots, max_positions, kv_heads, head_dim, keys: vec![0.0; len], values: vec![0.0; len] }
     }
 
-    fn offset(&self, layer: usize, slot: usize, position: usize) -> usize {
-        ((layer * self.slots + slot) * self.max_positions + position) * self.kv_dim
+    /// Where KV head `head`'s entry for `position` starts; its positions follow one another.
+    fn offset(&self, layer: usize, slot: usize, head: usize, position: usize) -> usize {
+        (((layer * self.slots + slot) * self.kv_heads + head) * self.max_positions + position) * self.head_dim
     }
 
     /// Copies positions `0..positions` of every layer's K and V from `from` to `to`.
@@ -33,11 +42,13 @@ impl CpuKvStore {
         if from == to || positions == 0 {
             return;
         }
-        let len = positions * self.kv_dim;
+        let len = positions * self.head_dim;
         for layer in 0..self.layers {
-            let (src, dst) = (self.offset(layer, from, 0), self.offset(layer, to, 0));
-            self.keys.copy_within(src..src + len, dst);
-            self.values.copy_within(src..src + len, dst);
+            for head in 0..self.kv_heads {
+                let (src, dst) = (self.offset(layer, from, head, 0), self.offset(layer, to, head, 0));
+                self.keys.copy_within(src..src + len, dst);
+                self.values.copy_within(src..src + len, dst);
+            }
         }
     }
 }
@@ -61,16 +72,18 @@ pub fn attention(
     table: RowTable<'_>,
     out: &mut [f32],
 ) {
-    let (q_dim, kv_dim) = (layout.q_dim(), layout.kv_dim());
+    let (q_dim, kv_dim, hd) = (layout.q_dim(), layout.kv_dim(), layout.head_dim);
     let width = layout.qkv_dim();
-    assert_eq!(kv.kv_dim, kv_dim, "KV cache width differs from the attention layout");
+    assert!(kv.kv_heads == layout.kv_heads && kv.head_dim == hd, "KV cache heads differ from the attention layout");
     for r in 0..rows {
         let (slot, pos) = (table.slots[r] as usize, table.positions[r] as usize);
         assert!(slot < kv.slots && pos < kv.max_positions && layer < kv.layers, "row outside the KV cache");
-        let base = kv.offset(layer, slot, pos);
         let row = &qkv[r * width..(r + 1) * width];
-        kv.keys[base..base + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
-        kv.values[base..base + kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
+        for g in 0..layout.kv_heads {
+            let base = kv.offset(layer, slot, g, pos);
+            kv.keys[base..base + hd].copy_from_slice(&row[q_dim + g * hd..q_dim + (g + 1) * hd]);
+            kv.values[base..base + hd].copy_from_slice(&row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd]);
+        }
     }
     let kv = &*kv;
     let mut begin = 0;
@@ -108,11 +121,13 @@ fn attend_rows(
     table: RowTable<'_>,
     out: &mut [f32],
 ) {
-    let (q_dim, kv_dim, hd, width) = (layout.q_dim(), layout.kv_dim(), layout.head_dim, layout.qkv_dim());
+    let (q_dim, hd, width) = (layout.q_dim(), layout.head_dim, layout.qkv_dim());
     let group = layout.heads / layout.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let rows = out.len() / q_dim;
-    let target_tasks = 4 * rayon::current_num_threads();
+    // Many spans per thread: with 4 per thread a 4000-position row made 9 tasks for 2 threads,
+    // one thread idle for the ninth (16 measured 1.05x faster decode at that context).
+    let target_tasks = 16 * rayon::current_num_threads();
     // (row, kv head, first position, end position)
     let mut tasks = Vec::new();
     for r in 0..rows {
@@ -130,19 +145,19 @@ fn attend_rows(
         .par_iter()
         .map(|&(r, g, start, end)| {
             let slot = table.slots[begin + r] as usize;
-            let first = kv.offset(layer, slot, 0) + g * hd;
-            let span = first + start * kv_dim..first + (end - 1) * kv_dim + hd;
+            let first = kv.offset(layer, slot, g, 0);
+            let span = first + start * hd..first + end * hd;
             let mut scores = vec![0.0f32; end - start];
             let mut partial = vec![0.0f32; group * (hd + 2)];
             for (i, part) in partial.chunks_exact_mut(hd + 2).enumerate() {
                 let h = g * group + i;
                 let q = &qkv[(begin + r) * width + h * hd..(begin + r) * width + (h + 1) * hd];
-                simd::strided_dots(level, q, &kv.keys[span.clone()], kv_dim, &mut scores);
+                simd::strided_dots(level, q, &kv.keys[span.clone()], hd, &mut scores);
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
                 let total = simd::exp_scaled_in_place(level, &mut scores, scale, max);
                 part[0] = max;
                 part[1] = total;
-                simd::strided_axpys(level, &scores, &kv.values[span.clone()], kv_dim, &mut part[2..]);
+                simd::strided_axpys(level, &scores, &kv.values[span.clone()], hd, &mut part[2..]);
             }
             partial
         })
@@ -188,22 +203,20 @@ fn attend_run(
     table: RowTable<'_>,
     out: &mut [f32],
 ) {
-    let (q_dim, kv_dim, hd, width) = (layout.q_dim(), layout.kv_dim(), layout.head_dim, layout.qkv_dim());
+    let (q_dim, hd, width) = (layout.q_dim(), layout.head_dim, layout.qkv_dim());
     let group = layout.heads / layout.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let n = end - begin;
     let slot = table.slots[begin] as usize;
     let first_pos = table.positions[begin] as usize;
     let context = first_pos + n;
-    let first = kv.offset(layer, slot, 0);
-    let keys = &kv.keys[first..first + context * kv_dim];
-    let values = &kv.values[first..first + context * kv_dim];
     let heads: Vec<Vec<f32>> = (0..layout.heads)
         .into_par_iter()
         .map(|h| {
-            let kv_off = (h / group) * hd;
+            let first = kv.offset(layer, slot, h / group, 0);
+            let (keys, values) = (&kv.keys[first..first + context * hd], &kv.values[first..first + context * hd]);
             let q = MatRef { data: &qkv[begin * width + h * hd..], rows: n, cols: hd, row_stride: width, col_stride: 1 };
-            let k_t = MatRef { data: &keys[kv_off..], rows: context, cols: hd, row_stride: kv_dim, col_stride: 1 }.transposed();
+            let k_t = MatRef::dense(keys, context, hd).transposed();
             let mut scores = vec![0.0f32; n * context];
             gemm_strided(1, q, k_t, &mut scores, context, false);
             for (i, row) in scores.chunks_mut(context).enumerate() {
@@ -215,7 +228,7 @@ fn attend_run(
                 row[visible..].fill(0.0);
             }
             let p = MatRef::dense(&scores, n, context);
-            let v = MatRef { data: &values[kv_off..], rows: context, cols: hd, row_stride: kv_dim, col_stride: 1 };
+            let v = MatRef::dense(values, context, hd);
             let mut head_out = vec![0.0f32; n * hd];
             gemm_strided(1, p, v, &mut head_out, hd, false);
             head_out
@@ -243,7 +256,7 @@ mod tests {
         let qkv: Vec<f32> = (0..n * width).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for level in SimdLevel::all_supported() {
-            let mut kv = CpuKvStore::new(1, 2, n, layout.kv_dim());
+            let mut kv = CpuKvStore::new(1, 2, n, layout);
             let slots = vec![1u32; n];
             let positions: Vec<u32> = (0..n as u32).collect();
             let mut run_out = vec![0.0f32; n * q_dim];

@@ -158,8 +158,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, kv_dim: usize) -> Result<CpuKvStore> {
-        Ok(CpuKvStore::new(layers, slots, max_positions, kv_dim))
+    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout) -> Result<CpuKvStore> {
+        Ok(CpuKvStore::new(layers, slots, max_positions, layout))
     }
 
     fn copy_kv_prefix(&self, kv: &mut CpuKvStore, from_slot: usize, to_slot: usize, positions: usize) {

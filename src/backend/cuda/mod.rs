@@ -461,8 +461,9 @@ impl Backend for CudaBackend {
         self.check()
     }
 
-    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, kv_dim: usize) -> Result<CudaKvStore> {
+    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout) -> Result<CudaKvStore> {
         self.check()?;
+        let kv_dim = layout.kv_dim();
         let len = layers * slots * max_positions * kv_dim;
         let alloc = || self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| device_error(&format!("allocating a KV cache of {len} floats"), e));
         Ok(CudaKvStore { layers, slots, max_positions, kv_dim, keys: alloc()?, values: alloc()? })

@@ -104,6 +104,8 @@ pub fn attention(
 
 /// Positions below which a row's attention is not split across tasks.
 const SPLIT_MIN_POSITIONS: usize = 256;
+/// Positions of one KV head per L1-resident block in decode (16 KiB of keys at head_dim 64).
+const L1_POSITIONS: usize = 64;
 
 /// Decode rows: one task per (row, KV head, span of positions). The query heads sharing a KV head
 /// run back to back over the same span, so its keys and values come from memory once (GQA), and
@@ -146,18 +148,29 @@ fn attend_rows(
         .map(|&(r, g, start, end)| {
             let slot = table.slots[begin + r] as usize;
             let first = kv.offset(layer, slot, g, 0);
-            let span = first + start * hd..first + end * hd;
-            let mut scores = vec![0.0f32; end - start];
+            let (keys, values) = (&kv.keys[first + start * hd..first + end * hd], &kv.values[first + start * hd..first + end * hd]);
+            let n = end - start;
+            let query = |i: usize| &qkv[(begin + r) * width + (g * group + i) * hd..][..hd];
+            let blocks = || (0..n).step_by(L1_POSITIONS).map(|b| b..(b + L1_POSITIONS).min(n));
+            // Scores of the group's query heads, [head][position]: blocks of positions outer and
+            // heads inner, so a block of keys stays in L1 while every head of the group passes
+            // and the span streams from memory once (likewise the values below).
+            let mut scores = vec![0.0f32; group * n];
+            for block in blocks() {
+                for (i, head_scores) in scores.chunks_exact_mut(n).enumerate() {
+                    simd::strided_dots(level, query(i), &keys[block.start * hd..block.end * hd], hd, &mut head_scores[block.clone()]);
+                }
+            }
             let mut partial = vec![0.0f32; group * (hd + 2)];
-            for (i, part) in partial.chunks_exact_mut(hd + 2).enumerate() {
-                let h = g * group + i;
-                let q = &qkv[(begin + r) * width + h * hd..(begin + r) * width + (h + 1) * hd];
-                simd::strided_dots(level, q, &kv.keys[span.clone()], hd, &mut scores);
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-                let total = simd::exp_scaled_in_place(level, &mut scores, scale, max);
+            for (part, head_scores) in partial.chunks_exact_mut(hd + 2).zip(scores.chunks_exact_mut(n)) {
+                let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
                 part[0] = max;
-                part[1] = total;
-                simd::strided_axpys(level, &scores, &kv.values[span.clone()], hd, &mut part[2..]);
+                part[1] = simd::exp_scaled_in_place(level, head_scores, scale, max);
+            }
+            for block in blocks() {
+                for (part, head_scores) in partial.chunks_exact_mut(hd + 2).zip(scores.chunks_exact(n)) {
+                    simd::strided_axpys(level, &head_scores[block.clone()], &values[block.start * hd..block.end * hd], hd, &mut part[2..]);
+                }
             }
             partial
         })

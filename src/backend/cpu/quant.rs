@@ -626,6 +626,21 @@ mod x86 {
 
     use super::{BlockFormat, BlockMatrix, Q8Row, BLOCKS_PER_SUPER, QK, ROW_GROUP};
 
+    /// How far ahead of a task's stream of block units the kernels ask for the next cache lines.
+    /// The hardware prefetchers alone left two-thread Q4_1 and Q8_0 decode at 70-75% of the
+    /// bandwidth floor; 8 KiB ahead measured 1.3-1.4x faster (1 KiB 1.2x, 4 KiB between).
+    const PREFETCH_BYTES: usize = 8192;
+
+    /// Asks for the cache lines of the unit `PREFETCH_BYTES` past `unit` (`unit_bytes` long).
+    /// A prefetch is a hint: it never faults, past the matrix's end included (`wrapping_add`
+    /// keeps the address arithmetic defined).
+    #[inline(always)]
+    unsafe fn prefetch_ahead(unit: *const u8, unit_bytes: usize) {
+        for line in (0..unit_bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(unit.wrapping_add(PREFETCH_BYTES + line) as *const i8);
+        }
+    }
+
     /// Safety: AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C must be present; `g` is a row group of
     /// `w`, and every `x[t]` holds `w.blocks` blocks.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -646,6 +661,7 @@ mod x86 {
                         d
                     };
                     let $unit = w.quants.as_ptr().add(unit * unit_bytes);
+                    prefetch_ahead($unit, unit_bytes);
                     let vectors: [__m512i; 8] = $vectors;
                     for t in 0..T {
                         let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
@@ -739,6 +755,7 @@ mod x86 {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(w.scales.as_ptr().add(lanes) as *const __m256i));
             let subs = w.sub_scales.as_ptr().add(unit * 2 * ROW_GROUP);
             let q = w.quants.as_ptr().add(unit * unit_bytes);
+            prefetch_ahead(q, unit_bytes);
             let nibbles = nibbles_512(q);
             if format == BlockFormat::Q4_K {
                 // d·sc and dmin·m per lane, shared by every activation row.
@@ -815,6 +832,9 @@ mod x86 {
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(w.scales.as_ptr().add(lanes) as *const __m128i));
                 let subs = w.sub_scales.as_ptr().add(unit * 2 * ROW_GROUP + half * 8);
                 let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
+                if half == 0 {
+                    prefetch_ahead(base, unit_bytes);
+                }
                 let widen = |p: *const u8, signed: bool| {
                     let bytes = _mm_loadl_epi64(p as *const __m128i);
                     _mm256_cvtepi32_ps(if signed { _mm256_cvtepi8_epi32(bytes) } else { _mm256_cvtepu8_epi32(bytes) })
@@ -889,6 +909,9 @@ mod x86 {
                 let offset_scale =
                     if format == BlockFormat::Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(w.minimums.as_ptr().add(lanes) as *const __m128i)) } else { d };
                 let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
+                if half == 0 {
+                    prefetch_ahead(base, unit_bytes);
+                }
                 let vectors: [__m256i; 8] = match format {
                     // Back to signed weights: 255·127·2 would overflow vpmaddubsw's i16.
                     BlockFormat::Q8_0 => std::array::from_fn(|k| _mm256_xor_si256(_mm256_loadu_si256(base.add(k * 64) as *const __m256i), flip)),

@@ -1,4 +1,5 @@
-//! Criterion benches of the CPU kernels: each SIMD level of the dot products and the SiLU gate, each kernel of the
+//! Criterion benches of the CPU kernels: each SIMD level of the dot products, the SiLU gate and
+//! the decode attention kernels, each kernel of the
 //! block-quantized products (one activation row, four at once), and the matmul paths (GEMV for
 //! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized.
 
@@ -34,6 +35,22 @@ fn silu_gate(c: &mut Criterion) {
     group.throughput(Throughput::Elements(n as u64));
     for level in SimdLevel::all_supported() {
         group.bench_with_input(BenchmarkId::new("f32", level), &level, |bench, &l| bench.iter(|| simd::silu_mul(l, &gate, &up, &mut out)));
+    }
+    group.finish();
+}
+
+/// Decode attention over one KV head's span of 1024 cached positions (head_dim 64, as
+/// SmolLM2-135M's): the scores against the keys, and the weighted sum of the values.
+fn attention_kernels(c: &mut Criterion) {
+    let (positions, head_dim) = (1024, 64);
+    let (q, cache) = (random(head_dim, 6), random(positions * head_dim, 7));
+    let weights: Vec<f32> = random(positions, 8).iter().map(|v| v.abs()).collect();
+    let (mut scores, mut sum) = (vec![0.0f32; positions], vec![0.0f32; head_dim]);
+    let mut group = c.benchmark_group("attention_1024x64");
+    group.throughput(Throughput::Elements((positions * head_dim) as u64));
+    for level in SimdLevel::all_supported() {
+        group.bench_with_input(BenchmarkId::new("scores", level), &level, |bench, &l| bench.iter(|| simd::strided_dots(l, &q, &cache, head_dim, &mut scores)));
+        group.bench_with_input(BenchmarkId::new("values", level), &level, |bench, &l| bench.iter(|| simd::strided_axpys(l, &weights, &cache, head_dim, &mut sum)));
     }
     group.finish();
 }
@@ -116,5 +133,5 @@ fn matmuls(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, dot_products, silu_gate, quantized_products, matmuls);
+criterion_group!(benches, dot_products, silu_gate, attention_kernels, quantized_products, matmuls);
 criterion_main!(benches);

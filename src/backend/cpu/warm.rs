@@ -6,7 +6,8 @@
 //! `try_to_wake_up`, `futex_wait` and `sched_yield`). While a pass runs, each other worker
 //! instead runs a job that keeps taking pool work with `rayon::yield_now` and spins between
 //! finds, as llama.cpp's threads spin at its barriers; the job ends with the pass, so threads
-//! still sleep between passes.
+//! still sleep between passes. Unlike a pure spin it yields to the OS every few looks, so an
+//! oversubscribed machine degrades gently instead of starving the working threads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -34,8 +35,19 @@ fn keep_awake(done: &AtomicBool, home: Option<usize>) {
     if rayon::current_thread_index() == home {
         return;
     }
+    let mut idle_looks = 0u32;
     while !done.load(Ordering::Acquire) {
-        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_looks = 0;
+            continue;
+        }
+        idle_looks += 1;
+        if idle_looks % 8 == 0 {
+            // Every few microseconds of idling, offer the core to the OS: with more threads
+            // than free cores (a loaded machine, a pipeline running beside engram) a spinner
+            // that never yields would take time from the threads doing the work.
+            std::thread::yield_now();
+        } else {
             // Pause between looks, so the spinner does not hammer the deques' cache lines.
             for _ in 0..16 {
                 std::hint::spin_loop();

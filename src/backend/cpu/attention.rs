@@ -148,7 +148,8 @@ fn attend_rows(
         .map(|&(r, g, start, end)| {
             let slot = table.slots[begin + r] as usize;
             let first = kv.offset(layer, slot, g, 0);
-            let (keys, values) = (&kv.keys[first + start * hd..first + end * hd], &kv.values[first + start * hd..first + end * hd]);
+            let span = first + start * hd..first + end * hd;
+            let (keys, values) = (&kv.keys[span.clone()], &kv.values[span]);
             let n = end - start;
             let query = |i: usize| &qkv[(begin + r) * width + (g * group + i) * hd..][..hd];
             let blocks = || (0..n).step_by(L1_POSITIONS).map(|b| b..(b + L1_POSITIONS).min(n));
@@ -227,7 +228,8 @@ fn attend_run(
         .into_par_iter()
         .map(|h| {
             let first = kv.offset(layer, slot, h / group, 0);
-            let (keys, values) = (&kv.keys[first..first + context * hd], &kv.values[first..first + context * hd]);
+            let span = first..first + context * hd;
+            let (keys, values) = (&kv.keys[span.clone()], &kv.values[span]);
             let q = MatRef { data: &qkv[begin * width + h * hd..], rows: n, cols: hd, row_stride: width, col_stride: 1 };
             let k_t = MatRef::dense(keys, context, hd).transposed();
             let mut scores = vec![0.0f32; n * context];

@@ -113,7 +113,7 @@ impl Backend for CpuBackend {
     }
 
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(|| warm::with_threads_awake(self.threads, work))
+        self.pool.install(|| warm::with_threads_awake(work))
     }
 
     fn matrix(&self, tensor: &HostTensor) -> Result<CpuMatrix> {

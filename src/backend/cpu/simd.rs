@@ -313,7 +313,7 @@ mod x86 {
             i += 16;
         }
         if i < n {
-            let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let mask = lanes_in(n - i, 0);
             let va = _mm512_maskz_loadu_ps(mask, pa.add(i));
             let vb = _mm512_maskz_loadu_ps(mask, pb.add(i));
             acc[1] = _mm512_fmadd_ps(va, vb, acc[1]);
@@ -560,7 +560,7 @@ mod x86 {
             i += 16;
         }
         if i < n {
-            let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let mask = lanes_in(n - i, 0);
             let v = silu_mul16(_mm512_maskz_loadu_ps(mask, pg.add(i)), _mm512_maskz_loadu_ps(mask, pu.add(i)));
             _mm512_mask_storeu_ps(po.add(i), mask, v);
         }

@@ -12,8 +12,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Runs `work` on the current pool with its other threads kept awake until `work` returns.
-/// Call from inside the pool (`ThreadPool::install`) with the pool's thread count.
-pub fn with_threads_awake<R: Send>(threads: usize, work: impl FnOnce() -> R + Send) -> R {
+/// Call from inside the pool (`ThreadPool::install`).
+pub fn with_threads_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    let threads = rayon::current_num_threads();
     if threads <= 1 {
         return work();
     }
@@ -74,7 +75,7 @@ mod tests {
         for threads in [1usize, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for _ in 0..20 {
-                let sum = pool.install(|| with_threads_awake(threads, || (0..10_000u64).into_par_iter().map(|v| v * v).sum::<u64>()));
+                let sum = pool.install(|| with_threads_awake(|| (0..10_000u64).into_par_iter().map(|v| v * v).sum::<u64>()));
                 assert_eq!(sum, (0..10_000u64).map(|v| v * v).sum::<u64>(), "threads={threads}");
             }
         }
@@ -83,9 +84,9 @@ mod tests {
     #[test]
     fn a_panicking_pass_still_ends_its_spinners() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.install(|| with_threads_awake(2, || panic!("inside the pass")))));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.install(|| with_threads_awake(|| panic!("inside the pass")))));
         assert!(result.is_err(), "the panic reaches the caller");
         // The pool is usable afterwards (a spinner left running would hang this).
-        assert_eq!(pool.install(|| with_threads_awake(2, || 7)), 7);
+        assert_eq!(pool.install(|| with_threads_awake(|| 7)), 7);
     }
 }

@@ -46,11 +46,15 @@ fn attention_kernels(c: &mut Criterion) {
     let (q, cache) = (random(head_dim, 6), random(positions * head_dim, 7));
     let weights: Vec<f32> = random(positions, 8).iter().map(|v| v.abs()).collect();
     let (mut scores, mut sum) = (vec![0.0f32; positions], vec![0.0f32; head_dim]);
+    // The same keys and values as an f16 cache holds them.
+    let cache16: Vec<u16> = cache.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
     let mut group = c.benchmark_group("attention_1024x64");
     group.throughput(Throughput::Elements((positions * head_dim) as u64));
     for level in SimdLevel::all_supported() {
         group.bench_with_input(BenchmarkId::new("scores", level), &level, |bench, &l| bench.iter(|| simd::strided_dots(l, &q, &cache, head_dim, &mut scores)));
         group.bench_with_input(BenchmarkId::new("values", level), &level, |bench, &l| bench.iter(|| simd::strided_axpys(l, &weights, &cache, head_dim, &mut sum)));
+        group.bench_with_input(BenchmarkId::new("scores_f16", level), &level, |bench, &l| bench.iter(|| simd::strided_dots_f16(l, &q, &cache16, head_dim, &mut scores)));
+        group.bench_with_input(BenchmarkId::new("values_f16", level), &level, |bench, &l| bench.iter(|| simd::strided_axpys_f16(l, &weights, &cache16, head_dim, &mut sum)));
     }
     group.finish();
 }

@@ -1,7 +1,7 @@
 //! The KV cache: one backend store allocated once for all layers, slots and positions, plus the
 //! length of each slot's sequence. Nothing is reallocated while tokens are appended.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, KvPrecision};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 
@@ -9,15 +9,21 @@ pub struct KvCache<B: Backend> {
     pub store: B::KvStore,
     lengths: Vec<usize>,
     capacity: usize,
+    precision: KvPrecision,
 }
 
 impl<B: Backend> KvCache<B> {
-    pub fn new(backend: &B, config: &ModelConfig, slots: usize, capacity: usize) -> Result<Self> {
+    pub fn new(backend: &B, config: &ModelConfig, slots: usize, capacity: usize, precision: KvPrecision) -> Result<Self> {
         if slots == 0 || capacity == 0 {
             return Err(Error::InvalidInput("a KV cache needs at least one slot and one position".into()));
         }
-        let store = backend.kv_store(config.num_hidden_layers, slots, capacity, crate::forward::attention_layout(config))?;
-        Ok(KvCache { store, lengths: vec![0; slots], capacity })
+        let store = backend.kv_store(config.num_hidden_layers, slots, capacity, crate::forward::attention_layout(config), precision)?;
+        Ok(KvCache { store, lengths: vec![0; slots], capacity, precision })
+    }
+
+    /// How the entries are stored.
+    pub fn precision(&self) -> KvPrecision {
+        self.precision
     }
 
     pub fn slots(&self) -> usize {

@@ -43,4 +43,5 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use session::{Model, Session, SessionOptions};
+pub use backend::KvPrecision;
 pub use tensor::{DType, HostTensor, TensorData};

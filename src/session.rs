@@ -1,7 +1,7 @@
 //! A loaded model ([`Model`]) and the inference state that runs it ([`Session`]): KV cache, RoPE
 //! tables and scratch buffers, all allocated when the session is created.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, KvPrecision};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -57,11 +57,14 @@ pub struct SessionOptions {
     pub max_batch_rows: usize,
     /// Rows of logits per forward call.
     pub max_logit_rows: usize,
+    /// How the KV cache stores its entries; `None` takes the backend's default (the CPU's is
+    /// f16 unless set otherwise, CUDA's f32).
+    pub kv_precision: Option<KvPrecision>,
 }
 
 impl SessionOptions {
     pub fn new(slots: usize, context: usize) -> Self {
-        SessionOptions { slots, context, max_batch_rows: 512, max_logit_rows: slots.max(1) }
+        SessionOptions { slots, context, max_batch_rows: 512, max_logit_rows: slots.max(1), kv_precision: None }
     }
 }
 
@@ -192,7 +195,7 @@ impl<'m, B: Backend> Session<'m, B> {
         let layers = model.config.num_hidden_layers;
         let mut session = Session {
             model,
-            kv: KvCache::new(backend, &model.config, options.slots, options.context)?,
+            kv: KvCache::new(backend, &model.config, options.slots, options.context, options.kv_precision.unwrap_or_else(|| backend.default_kv_precision()))?,
             scratch: ForwardScratch::new(backend, &model.config, options.max_batch_rows, options.max_logit_rows)?,
             rope: RopeTables::new(backend, &model.config, options.context)?,
             options,
@@ -392,6 +395,11 @@ impl<'m, B: Backend> Session<'m, B> {
 
     pub fn options(&self) -> SessionOptions {
         self.options
+    }
+
+    /// How this session's KV cache stores its entries (the options' choice or the backend's).
+    pub fn kv_precision(&self) -> KvPrecision {
+        self.kv.precision()
     }
 
     /// Appends each input's tokens to its slot and returns the requested logits. All inputs run

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use engram::backend::cpu::CpuBackend;
 use engram::backend::cuda::CudaBackend;
-use engram::backend::{AttentionLayout, Backend, FusedArgs, RowTable};
+use engram::backend::{AttentionLayout, Backend, FusedArgs, KvPrecision, RowTable};
 use engram::model::config::{Architecture, ModelConfig};
 use engram::model::random::{tiny_config, write_random_model};
 use engram::model::ModelFiles;
@@ -39,8 +39,9 @@ fn cuda_or_skip() -> Option<CudaBackend> {
     }
 }
 
+/// The CPU reference keeps an f32 cache like CUDA's, so the two compute the same thing.
 fn cpu() -> CpuBackend {
-    CpuBackend::new(2, None).unwrap()
+    CpuBackend::new(2, None).unwrap().with_kv_precision(KvPrecision::F32)
 }
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
@@ -198,8 +199,8 @@ fn rope_and_head_norm_match_the_cpu() {
 /// Runs the same attention batches through both backends, comparing every output.
 fn compare_attention(gpu: &CudaBackend, layout: AttentionLayout, batches: &[(Vec<u32>, Vec<u32>)], copies: &[(usize, usize, usize, usize)], slots: usize, max_positions: usize) {
     let host = cpu();
-    let mut cpu_kv = host.kv_store(2, slots, max_positions, layout).unwrap();
-    let mut gpu_kv = gpu.kv_store(2, slots, max_positions, layout).unwrap();
+    let mut cpu_kv = host.kv_store(2, slots, max_positions, layout, KvPrecision::F32).unwrap();
+    let mut gpu_kv = gpu.kv_store(2, slots, max_positions, layout, KvPrecision::F32).unwrap();
     for (step, (row_slots, row_positions)) in batches.iter().enumerate() {
         for &(before_step, from, to, count) in copies {
             if before_step == step {
@@ -543,7 +544,7 @@ fn device_argmax_and_sampling_choose_like_the_host() {
 fn the_cpu_prefix_copy_makes_a_slot_attend_like_its_source() {
     let host = cpu();
     let layout = AttentionLayout { heads: 6, kv_heads: 2, head_dim: 12 };
-    let mut kv = host.kv_store(2, 3, 32, layout).unwrap();
+    let mut kv = host.kv_store(2, 3, 32, layout, KvPrecision::F32).unwrap();
     let (slots, positions) = run(0, 0..9);
     for layer in 0..2 {
         let qkv = put(&host, &random(9 * layout.qkv_dim(), 200 + layer as u64));

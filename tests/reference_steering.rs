@@ -2,7 +2,8 @@
 //! forward hook adding `scale · v[i]` to the output of decoder layer i (hidden_states[i+1]) at
 //! every position, where v is a llama.cpp control vector written by the `gguf` package. engram
 //! reads the same file and steers "at layer i" by the same convention; last-position logits
-//! must agree as tightly as unsteered ones, and so must the greedy continuation.
+//! must agree as tightly as unsteered ones, and so must the greedy continuation. The cache is
+//! f32, as in the unsteered exactness test (the f16 cache's bound is tested there).
 //!
 //! Skipped with a printed reason when models/ lacks the model, unless ENGRAM_REQUIRE_MODEL=1.
 
@@ -17,7 +18,7 @@ use engram::model::ModelFiles;
 use engram::session::{LogitRequest, SequenceInput};
 use engram::steer::files::read_vector;
 use engram::steer::{CapturePlan, CapturePositions, Point, SteeringPlan, SteeringTerm};
-use engram::{DType, Model, Session, SessionOptions};
+use engram::{DType, KvPrecision, Model, Session, SessionOptions};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -71,7 +72,7 @@ fn argmax(v: &[f32]) -> u32 {
 #[test]
 fn steered_logits_and_greedy_tokens_match_the_hooked_transformers_model() {
     let Some((fixture, model_path)) = load_fixture() else { return };
-    let model: Model<CpuBackend> = Model::load(CpuBackend::new(2, None).unwrap(), ModelFiles::open(&model_path).unwrap(), DType::F32, |_, _| {}).unwrap();
+    let model: Model<CpuBackend> = Model::load(CpuBackend::new(2, None).unwrap().with_kv_precision(KvPrecision::F32), ModelFiles::open(&model_path).unwrap(), DType::F32, |_, _| {}).unwrap();
     let mut argmax_changes = 0;
     for case in &fixture.cases {
         let want = common::read_npy(&fixture_dir().join(&case.logits_file));

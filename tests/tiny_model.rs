@@ -3,13 +3,13 @@
 
 mod common;
 
-use common::{load_cpu, relative_error, Reference};
+use common::{load_cpu, load_cpu_with_cache, relative_error, Reference};
 use engram::backend::cpu::simd::SimdLevel;
 use engram::generate::{self, GenerationRequest, SamplingParams, StopParams};
 use engram::model::config::Architecture;
 use engram::model::random::{tiny_config, write_random_model};
 use engram::session::{LogitRequest, SequenceInput, Session, SessionOptions};
-use engram::DType;
+use engram::{DType, KvPrecision};
 
 const PROMPT: [u32; 11] = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 257];
 
@@ -70,6 +70,34 @@ fn decoding_token_by_token_with_the_cache_equals_one_prefill() {
         let want = &full[i * vocab..(i + 1) * vocab];
         let diff = logits.last(0).iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff < 1e-4, "position {i}: max diff {diff}");
+    }
+}
+
+/// The f16 cache (the CPU default) rounds each cached key and value to 11 significant bits:
+/// against the f64 reference the logits move by about that much, on every SIMD level, in
+/// prefill and in token-by-token decode alike; and decode still equals one prefill closely
+/// (both read the same rounded entries).
+#[test]
+fn an_f16_cache_stays_within_its_rounding_of_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &tiny_config(Architecture::Llama), DType::F32, 9).unwrap();
+    let reference = Reference::load(dir.path(), DType::F32);
+    let want: Vec<f64> = reference.run(&PROMPT).0.into_iter().flatten().collect();
+    for level in SimdLevel::all_supported() {
+        let model = load_cpu_with_cache(dir.path(), DType::F32, 2, Some(level), KvPrecision::F16);
+        let full = all_logits(&model, &PROMPT);
+        let err = relative_error(&full, &want);
+        assert!(err < 1e-3, "{level}: f16-cache prefill logits differ by {err} (relative)");
+        let exact = all_logits(&load_cpu(dir.path(), DType::F32, 2, Some(level)), &PROMPT);
+        assert!(full != exact, "{level}: an f16 cache gave the f32 cache's logits bit for bit; is it rounding?");
+        let vocab = model.config.vocab_size;
+        let mut session = Session::new(&model, SessionOptions::new(1, 64)).unwrap();
+        assert_eq!(session.kv_precision(), KvPrecision::F16);
+        for (i, t) in PROMPT.iter().enumerate() {
+            let logits = session.step(&[SequenceInput { slot: 0, tokens: &[*t], logits: LogitRequest::Last }]).unwrap();
+            let diff = logits.last(0).iter().zip(&full[i * vocab..(i + 1) * vocab]).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff < 1e-4, "{level} position {i}: decode differs from prefill by {diff}");
+        }
     }
 }
 

@@ -32,6 +32,45 @@ impl AttentionLayout {
     }
 }
 
+/// How K and V are stored in the cache. Attention reads every cached entry once per token, so
+/// at long contexts the cache, not the weights, sets the decode speed; f16 halves those bytes
+/// (as llama.cpp's default cache does) at a rounding of 2^-11 relative per entry; f32 keeps the
+/// projections exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPrecision {
+    F32,
+    F16,
+}
+
+impl KvPrecision {
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            KvPrecision::F32 => 4,
+            KvPrecision::F16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for KvPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvPrecision::F32 => "f32",
+            KvPrecision::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for KvPrecision {
+    type Err = crate::error::Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvPrecision::F32),
+            "f16" => Ok(KvPrecision::F16),
+            _ => Err(crate::error::Error::InvalidInput(format!("unknown KV cache precision '{text}' (expected f16 or f32)"))),
+        }
+    }
+}
+
 /// Where each row of a batch lives: its sequence slot in the KV cache and its position there.
 #[derive(Debug, Clone, Copy)]
 pub struct RowTable<'a> {
@@ -70,9 +109,12 @@ pub trait Backend: Send + Sync {
     fn upload(&self, data: &[f32], dst: &mut Self::Buffer) -> Result<()>;
     /// Copies the first `out.len()` values of `src` to the host.
     fn download(&self, src: &Self::Buffer, out: &mut [f32]) -> Result<()>;
-    /// The cache for `layers` × `slots` × `max_positions` K and V rows of `layout`'s KV heads
-    /// (each backend lays them out as its attention reads them best).
-    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout) -> Result<Self::KvStore>;
+    /// The cache for `layers` × `slots` × `max_positions` K and V rows of `layout`'s KV heads,
+    /// stored at `precision` (each backend lays them out as its attention reads them best; a
+    /// precision it does not implement is an error).
+    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout, precision: KvPrecision) -> Result<Self::KvStore>;
+    /// The precision a session's cache takes when its options name none.
+    fn default_kv_precision(&self) -> KvPrecision;
     /// Copies the first `positions` K and V entries of every layer from `from_slot` to
     /// `to_slot` (a shared prompt prefix computed once and continued in several slots).
     fn copy_kv_prefix(&self, kv: &mut Self::KvStore, from_slot: usize, to_slot: usize, positions: usize);

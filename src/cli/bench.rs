@@ -15,7 +15,7 @@ use engram::backend::Backend;
 use engram::generate::argmax;
 use engram::session::{LogitRequest, SequenceInput};
 use engram::steer::{CapturePlan, CapturePositions, Point, ReadoutPlan, SteeringMode, SteeringPlan, SteeringTerm, SteeringVector};
-use engram::{DType, Model, Session, SessionOptions};
+use engram::{DType, KvPrecision, Model, Session, SessionOptions};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// floor is a streaming read on the CPU and a device-to-device copy on a GPU.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// KV cache entries: f16 or f32 (unset: the device's default, f16 on the CPU, f32 on CUDA).
+    /// The floor counts the cache's bytes at this precision.
+    #[arg(long, value_name = "f16|f32")]
+    kv_cache: Option<KvPrecision>,
     /// Conditions measured in turn every repeat, comma-separated; each is `none` or features
     /// joined by `+`: steer (a vector at every layer and token), per-seq (each sequence of the
     /// batch its own vector), relative, clamp (conditional steering), capture (every layer at
@@ -291,12 +295,13 @@ fn overheads(baseline: &[f64], condition: &[f64]) -> Vec<f64> {
 pub fn run(args: BenchArgs) -> Result<()> {
     anyhow::ensure!(args.repeats > 0 && args.batch > 0, "--repeats and --batch must be positive");
     anyhow::ensure!(!args.conditions.is_empty() && !args.dtypes.is_empty(), "give at least one condition and one dtype");
-    let model_args = |dtype| super::ModelArgs { model: args.model.clone(), dtype, threads: args.threads, device: args.device };
+    let model_args = |dtype| super::ModelArgs { model: args.model.clone(), dtype, threads: args.threads, device: args.device, kv_cache: args.kv_cache };
     match model_args(args.dtypes[0]).select()? {
         super::Selected::Cpu(first) => {
             let mut models = Vec::new();
             for &dtype in &args.dtypes {
-                models.push(model_args(dtype).load_on(CpuBackend::new(args.threads, None)?, dtype)?);
+                let args = model_args(dtype);
+                models.push(args.load_on(args.cpu_backend()?, dtype)?);
             }
             let bandwidth = memory_bandwidth(&first);
             bench_on(&args, models, bandwidth)
@@ -371,9 +376,10 @@ fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64)
     }
     // Bytes a decode step reads: every weight matrix once, plus the KV cache at the mean context.
     let mean_context = args.context as f64 + (args.decode_tokens as f64 + 1.0) / 2.0;
-    let kv_bytes = mean_context * (config.num_hidden_layers * 2 * config.kv_dim() * 4) as f64 * args.batch as f64;
+    let kv_precision = args.kv_cache.unwrap_or_else(|| models[0].backend.default_kv_precision());
+    let kv_bytes = mean_context * (config.num_hidden_layers * 2 * config.kv_dim() * kv_precision.bytes_per_value()) as f64 * args.batch as f64;
     println!(
-        "engram bench: {} | {} | p={} n={} context={} batch={} repeats={}",
+        "engram bench: {} | {} | {kv_precision} KV cache | p={} n={} context={} batch={} repeats={}",
         args.model.display(),
         backend_name,
         args.prompt_tokens,

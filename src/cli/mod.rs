@@ -23,7 +23,7 @@ use engram::backend::cpu::CpuBackend;
 use engram::backend::cuda::{CudaBackend, DeviceChoice};
 use engram::backend::Backend;
 use engram::model::ModelFiles;
-use engram::{DType, Model};
+use engram::{DType, KvPrecision, Model};
 
 /// Where README.md's set-up puts the default model.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -77,6 +77,10 @@ pub struct ModelArgs {
     /// Where to run: auto (CUDA when a usable GPU is present, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// KV cache entries: f16 (half the bytes a long context reads per token; the CPU's
+    /// default) or f32 (the projections kept exactly; CUDA's only choice). Unset: the device's.
+    #[arg(long, value_name = "f16|f32")]
+    pub kv_cache: Option<KvPrecision>,
 }
 
 /// A command body that runs on whichever backend `--device` selected (a trait rather than a
@@ -107,21 +111,25 @@ impl ModelArgs {
 
     pub(crate) fn select(&self) -> Result<Selected> {
         match self.device {
-            DeviceChoice::Cpu => Ok(Selected::Cpu(CpuBackend::new(self.threads, None)?)),
+            DeviceChoice::Cpu => Ok(Selected::Cpu(self.cpu_backend()?)),
             DeviceChoice::Cuda(ordinal) => {
+                self.check_cuda_kv_cache()?;
                 let backend = CudaBackend::new(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
                 Ok(Selected::Cuda(Box::new(backend)))
             }
             // Usable means the whole backend starts (driver, device, kernels compiled); anything
             // short of that runs on the CPU, with the reason on one line.
             DeviceChoice::Auto => match CudaBackend::new(0) {
-                Ok(backend) => Ok(Selected::Cuda(Box::new(backend))),
+                Ok(backend) => {
+                    self.check_cuda_kv_cache()?;
+                    Ok(Selected::Cuda(Box::new(backend)))
+                }
                 Err(reason) => {
                     let reason = reason.to_string();
                     let first_line = reason.trim_start_matches("device: ").lines().next().unwrap_or_default().to_string();
                     let more = if reason.lines().count() > 1 { " (--device cuda shows the details)" } else { "" };
                     eprintln!("engram: running on the CPU: {first_line}{more}");
-                    Ok(Selected::Cpu(CpuBackend::new(self.threads, None)?))
+                    Ok(Selected::Cpu(self.cpu_backend()?))
                 }
             },
         }
@@ -133,7 +141,26 @@ impl ModelArgs {
         if let DeviceChoice::Cuda(_) = self.device {
             anyhow::bail!("this command runs on the CPU only for now; drop --device {} (or pass --device cpu)", device_text(self.device));
         }
-        self.load_on(CpuBackend::new(self.threads, None)?, self.dtype)
+        self.load_on(self.cpu_backend()?, self.dtype)
+    }
+
+    /// The CPU backend with `--threads` and `--kv-cache` applied.
+    pub(crate) fn cpu_backend(&self) -> Result<CpuBackend> {
+        let backend = CpuBackend::new(self.threads, None)?;
+        Ok(match self.kv_cache {
+            Some(precision) => backend.with_kv_precision(precision),
+            None => backend,
+        })
+    }
+
+    /// CUDA's attention reads an f32 cache only: an explicit other choice is refused, not ignored.
+    fn check_cuda_kv_cache(&self) -> Result<()> {
+        match self.kv_cache {
+            Some(precision) if precision != KvPrecision::F32 => {
+                anyhow::bail!("--kv-cache {precision} runs on the CPU only (CUDA keeps an f32 cache): pass --kv-cache f32 or --device cpu")
+            }
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn load_on<B: Backend>(&self, backend: B, dtype: DType) -> Result<Model<B>> {

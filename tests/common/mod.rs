@@ -8,7 +8,7 @@ use engram::backend::cpu::simd::SimdLevel;
 use engram::backend::cpu::CpuBackend;
 use engram::model::config::ModelConfig;
 use engram::model::ModelFiles;
-use engram::{DType, Model};
+use engram::{DType, KvPrecision, Model};
 
 /// An unlabelled-origin episode (no variation, split or workflow) scored 1 or 0 by `success`.
 pub fn labelled_episode(task: String, kind: &str, instruction: &str, success: bool, steps: Vec<engram::memory::Step>) -> engram::memory::Episode {
@@ -25,9 +25,16 @@ pub fn labelled_episode(task: String, kind: &str, instruction: &str, success: bo
     }
 }
 
+/// A model on the CPU with an f32 KV cache: the tests against the f64 reference measure the
+/// kernels' arithmetic, not the cache's rounding (the f16 cache has tests of its own).
 pub fn load_cpu(dir: &Path, dtype: DType, threads: usize, level: Option<SimdLevel>) -> Model<CpuBackend> {
+    load_cpu_with_cache(dir, dtype, threads, level, KvPrecision::F32)
+}
+
+pub fn load_cpu_with_cache(dir: &Path, dtype: DType, threads: usize, level: Option<SimdLevel>, cache: KvPrecision) -> Model<CpuBackend> {
     let files = ModelFiles::open(dir).expect("open model");
-    Model::load(CpuBackend::new(threads, level).unwrap(), files, dtype, |_, _| {}).expect("load model")
+    let backend = CpuBackend::new(threads, level).unwrap().with_kv_precision(cache);
+    Model::load(backend, files, dtype, |_, _| {}).expect("load model")
 }
 
 /// Straightforward f64 transformer forward over a whole sequence, written from the transformers

@@ -7,9 +7,94 @@
 
 use rayon::prelude::*;
 
+use super::buffer::ZeroedBuffer;
 use super::matmul::{gemm_strided, MatRef};
 use super::simd::{self, SimdLevel};
-use crate::backend::{AttentionLayout, RowTable};
+use crate::backend::{AttentionLayout, KvPrecision, RowTable};
+
+/// Cached entries at the store's precision.
+#[derive(Debug)]
+pub enum KvValues {
+    F32(ZeroedBuffer<f32>),
+    /// f16 bits, narrowed with [`simd::f32_to_f16_saturating`].
+    F16(ZeroedBuffer<u16>),
+}
+
+impl KvValues {
+    fn zeros(precision: KvPrecision, len: usize) -> std::io::Result<Self> {
+        Ok(match precision {
+            KvPrecision::F32 => KvValues::F32(ZeroedBuffer::new(len)?),
+            KvPrecision::F16 => KvValues::F16(ZeroedBuffer::new(len)?),
+        })
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvValues::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvValues::F16(v) => simd::f32_to_f16_saturating(src, &mut v[at..at + src.len()]),
+        }
+    }
+
+    fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
+        match self {
+            KvValues::F32(v) => v.copy_within(src, dst),
+            KvValues::F16(v) => v.copy_within(src, dst),
+        }
+    }
+
+    fn rows(&self, range: std::ops::Range<usize>) -> KvRows<'_> {
+        match self {
+            KvValues::F32(v) => KvRows::F32(&v[range]),
+            KvValues::F16(v) => KvRows::F16(&v[range]),
+        }
+    }
+}
+
+/// A run of one KV head's cached rows (`head_dim` values each, one after another).
+#[derive(Clone, Copy)]
+enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl<'a> KvRows<'a> {
+    /// Rows `positions` of this run, `hd` values each.
+    fn block(self, positions: std::ops::Range<usize>, hd: usize) -> KvRows<'a> {
+        let range = positions.start * hd..positions.end * hd;
+        match self {
+            KvRows::F32(v) => KvRows::F32(&v[range]),
+            KvRows::F16(v) => KvRows::F16(&v[range]),
+        }
+    }
+
+    /// `out[t] = q · row t`.
+    fn dots(self, level: SimdLevel, q: &[f32], hd: usize, out: &mut [f32]) {
+        match self {
+            KvRows::F32(rows) => simd::strided_dots(level, q, rows, hd, out),
+            KvRows::F16(rows) => simd::strided_dots_f16(level, q, rows, hd, out),
+        }
+    }
+
+    /// `y += Σ_t weights[t] · row t`.
+    fn axpys(self, level: SimdLevel, weights: &[f32], hd: usize, y: &mut [f32]) {
+        match self {
+            KvRows::F32(rows) => simd::strided_axpys(level, weights, rows, hd, y),
+            KvRows::F16(rows) => simd::strided_axpys_f16(level, weights, rows, hd, y),
+        }
+    }
+
+    /// The rows as f32: borrowed from an f32 cache, widened (exactly) from an f16 one.
+    fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            KvRows::F32(rows) => std::borrow::Cow::Borrowed(rows),
+            KvRows::F16(rows) => {
+                let mut wide = vec![0.0; rows.len()];
+                simd::f16_to_f32(rows, &mut wide);
+                std::borrow::Cow::Owned(wide)
+            }
+        }
+    }
+}
 
 /// K and V of every layer, slot, KV head and position, allocated once:
 /// `[layer][slot][kv_head][position][head_dim]`.
@@ -20,20 +105,38 @@ pub struct CpuKvStore {
     pub max_positions: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    pub keys: Vec<f32>,
-    pub values: Vec<f32>,
+    pub precision: KvPrecision,
+    pub keys: KvValues,
+    pub values: KvValues,
 }
 
 impl CpuKvStore {
-    pub fn new(layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout) -> Self {
-        let len = layers * slots * max_positions * layout.kv_dim();
+    /// A failed mapping (a context the machine cannot hold) is an error naming the size.
+    pub fn new(layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout, precision: KvPrecision) -> crate::error::Result<Self> {
+        let len = [layers, slots, max_positions, layout.kv_dim()].iter().try_fold(1usize, |n, &f| n.checked_mul(f));
         let (kv_heads, head_dim) = (layout.kv_heads, layout.head_dim);
-        CpuKvStore { layers, slots, max_positions, kv_heads, head_dim, keys: vec![0.0; len], values: vec![0.0; len] }
+        let too_big = |reason: String| {
+            crate::error::Error::InvalidInput(format!(
+                "cannot allocate a {precision} KV cache of {layers} layers x {slots} slots x {max_positions} positions x {} values, twice: {reason}",
+                layout.kv_dim()
+            ))
+        };
+        let len = len.ok_or_else(|| too_big("the size overflows".into()))?;
+        let zeros = || KvValues::zeros(precision, len).map_err(|e| too_big(e.to_string()));
+        let (keys, values) = (zeros()?, zeros()?);
+        Ok(CpuKvStore { layers, slots, max_positions, kv_heads, head_dim, precision, keys, values })
     }
 
     /// Where KV head `head`'s entry for `position` starts; its positions follow one another.
     fn offset(&self, layer: usize, slot: usize, head: usize, position: usize) -> usize {
         (((layer * self.slots + slot) * self.kv_heads + head) * self.max_positions + position) * self.head_dim
+    }
+
+    /// Keys and values of KV head `head` at positions `positions`.
+    fn head_rows(&self, layer: usize, slot: usize, head: usize, positions: std::ops::Range<usize>) -> (KvRows<'_>, KvRows<'_>) {
+        let first = self.offset(layer, slot, head, 0);
+        let span = first + positions.start * self.head_dim..first + positions.end * self.head_dim;
+        (self.keys.rows(span.clone()), self.values.rows(span))
     }
 
     /// Copies positions `0..positions` of every layer's K and V from `from` to `to`.
@@ -81,8 +184,8 @@ pub fn attention(
         let row = &qkv[r * width..(r + 1) * width];
         for g in 0..layout.kv_heads {
             let base = kv.offset(layer, slot, g, pos);
-            kv.keys[base..base + hd].copy_from_slice(&row[q_dim + g * hd..q_dim + (g + 1) * hd]);
-            kv.values[base..base + hd].copy_from_slice(&row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd]);
+            kv.keys.write(base, &row[q_dim + g * hd..q_dim + (g + 1) * hd]);
+            kv.values.write(base, &row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd]);
         }
     }
     let kv = &*kv;
@@ -147,9 +250,7 @@ fn attend_rows(
         .par_iter()
         .map(|&(r, g, start, end)| {
             let slot = table.slots[begin + r] as usize;
-            let first = kv.offset(layer, slot, g, 0);
-            let span = first + start * hd..first + end * hd;
-            let (keys, values) = (&kv.keys[span.clone()], &kv.values[span]);
+            let (keys, values) = kv.head_rows(layer, slot, g, start..end);
             let n = end - start;
             let query = |i: usize| &qkv[(begin + r) * width + (g * group + i) * hd..][..hd];
             let blocks = || (0..n).step_by(L1_POSITIONS).map(|b| b..(b + L1_POSITIONS).min(n));
@@ -159,7 +260,7 @@ fn attend_rows(
             let mut scores = vec![0.0f32; group * n];
             for block in blocks() {
                 for (i, head_scores) in scores.chunks_exact_mut(n).enumerate() {
-                    simd::strided_dots(level, query(i), &keys[block.start * hd..block.end * hd], hd, &mut head_scores[block.clone()]);
+                    keys.block(block.clone(), hd).dots(level, query(i), hd, &mut head_scores[block.clone()]);
                 }
             }
             let mut partial = vec![0.0f32; group * (hd + 2)];
@@ -170,7 +271,7 @@ fn attend_rows(
             }
             for block in blocks() {
                 for (part, head_scores) in partial.chunks_exact_mut(hd + 2).zip(scores.chunks_exact(n)) {
-                    simd::strided_axpys(level, &head_scores[block.clone()], &values[block.start * hd..block.end * hd], hd, &mut part[2..]);
+                    values.block(block.clone(), hd).axpys(level, &head_scores[block.clone()], hd, &mut part[2..]);
                 }
             }
             partial
@@ -227,9 +328,11 @@ fn attend_run(
     let heads: Vec<Vec<f32>> = (0..layout.heads)
         .into_par_iter()
         .map(|h| {
-            let first = kv.offset(layer, slot, h / group, 0);
-            let span = first..first + context * hd;
-            let (keys, values) = (&kv.keys[span.clone()], &kv.values[span]);
+            // The gemms read f32: an f16 cache's rows are widened here, a small cost beside
+            // the products (context·head_dim values against n·context·head_dim multiply-adds).
+            let (keys, values) = kv.head_rows(layer, slot, h / group, 0..context);
+            let (keys, values) = (keys.to_f32(), values.to_f32());
+            let (keys, values) = (&keys[..], &values[..]);
             let q = MatRef { data: &qkv[begin * width + h * hd..], rows: n, cols: hd, row_stride: width, col_stride: 1 };
             let k_t = MatRef::dense(keys, context, hd).transposed();
             let mut scores = vec![0.0f32; n * context];
@@ -270,8 +373,8 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let qkv: Vec<f32> = (0..n * width).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for level in SimdLevel::all_supported() {
-            let mut kv = CpuKvStore::new(1, 2, n, layout);
+        for (level, precision) in SimdLevel::all_supported().into_iter().flat_map(|l| [(l, KvPrecision::F32), (l, KvPrecision::F16)]) {
+            let mut kv = CpuKvStore::new(1, 2, n, layout, precision).unwrap();
             let slots = vec![1u32; n];
             let positions: Vec<u32> = (0..n as u32).collect();
             let mut run_out = vec![0.0f32; n * q_dim];
@@ -280,8 +383,42 @@ mod tests {
             let last = RowTable { slots: &slots[n - 1..], positions: &positions[n - 1..] };
             pool.install(|| attention(level, &qkv[(n - 1) * width..], 1, layout, &mut kv, 0, last, &mut row_out));
             for (g, w) in row_out.iter().zip(&run_out[(n - 1) * q_dim..]) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{level}: {g} vs {w}");
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{level} {precision}: {g} vs {w}");
             }
+        }
+    }
+
+    #[test]
+    fn an_f16_cache_stays_within_its_rounding_of_the_f32_cache() {
+        // Each cached entry is rounded to 11 significant bits (relative error ≤ 2^-11); the
+        // scores then move by at most |q|·|k|·2^-11 and the output by about as much relative
+        // to the values' size. The bound below is that with a margin, and far below what a
+        // wrong kernel (a dropped position, a misread row) would give.
+        let layout = AttentionLayout { heads: 6, kv_heads: 2, head_dim: 64 };
+        let (n, width, q_dim) = (1200usize, layout.qkv_dim(), layout.q_dim());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let qkv: Vec<f32> = (0..n * width).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let slots = vec![0u32; n];
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let table = RowTable { slots: &slots, positions: &positions };
+        let run = |precision: KvPrecision, level: SimdLevel| {
+            let mut kv = CpuKvStore::new(1, 1, n, layout, precision).unwrap();
+            // Prefill all but the last row (gemm path), then decode the last one.
+            let mut out = vec![0.0f32; n * q_dim];
+            pool.install(|| attention(level, &qkv, n - 1, layout, &mut kv, 0, table, &mut out));
+            let last = RowTable { slots: &slots[n - 1..], positions: &positions[n - 1..] };
+            pool.install(|| attention(level, &qkv[(n - 1) * width..], 1, layout, &mut kv, 0, last, &mut out[(n - 1) * q_dim..]));
+            out
+        };
+        for level in SimdLevel::all_supported() {
+            let (exact, rounded) = (run(KvPrecision::F32, level), run(KvPrecision::F16, level));
+            let worst = exact.iter().zip(&rounded).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let differs = exact.iter().zip(&rounded).filter(|(a, b)| a != b).count();
+            // Values are in [-1, 1]: rounding moves an output by ~2^-11 at most, scores by
+            // 64·2^-11 / 8 ≈ 0.004 nats, which reweights the mean by well under 1%.
+            assert!(worst < 1e-3, "{level}: f16 cache moved an output by {worst}");
+            assert!(differs > n * q_dim / 2, "{level}: the f16 cache changed only {differs} outputs; is it rounding at all?");
         }
     }
 }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use self::attention::CpuKvStore;
 use self::matmul::{CpuMatrix, WeightData};
 use self::simd::SimdLevel;
-use super::{AttentionLayout, Backend, FusedArgs, RowTable};
+use super::{AttentionLayout, Backend, FusedArgs, KvPrecision, RowTable};
 use crate::steer::tables::{RowTerm, TermMode, NO_DIRECTION};
 use crate::error::{Error, Result};
 use crate::tensor::{HostTensor, TensorData};
@@ -28,6 +28,8 @@ pub struct CpuBackend {
     /// Where 16-bit weights are widened for prefill gemms, kept between calls: a fresh
     /// allocation per product cost page faults and zeroing of up to 16 MiB each time.
     widen_scratch: std::sync::Mutex<Vec<f32>>,
+    /// The cache precision sessions get when their options name none.
+    kv_precision: KvPrecision,
 }
 
 impl CpuBackend {
@@ -42,7 +44,14 @@ impl CpuBackend {
             .map_err(|e| Error::InvalidInput(format!("cannot start {threads} CPU threads: {e}")))?;
         let detected = SimdLevel::detect();
         let level = max_level.map_or(detected, |cap| detected.at_most(cap));
-        Ok(CpuBackend { pool, threads, level, widen_scratch: std::sync::Mutex::new(Vec::new()) })
+        Ok(CpuBackend { pool, threads, level, widen_scratch: std::sync::Mutex::new(Vec::new()), kv_precision: KvPrecision::F16 })
+    }
+
+    /// Sets the KV cache precision of sessions whose options name none (f16 unless set: half
+    /// the bytes that long-context decode reads; f32 keeps the projections exactly).
+    pub fn with_kv_precision(mut self, precision: KvPrecision) -> Self {
+        self.kv_precision = precision;
+        self
     }
 
     pub fn threads(&self) -> usize {
@@ -158,8 +167,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout) -> Result<CpuKvStore> {
-        Ok(CpuKvStore::new(layers, slots, max_positions, layout))
+    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout, precision: KvPrecision) -> Result<CpuKvStore> {
+        CpuKvStore::new(layers, slots, max_positions, layout, precision)
+    }
+
+    fn default_kv_precision(&self) -> KvPrecision {
+        self.kv_precision
     }
 
     fn copy_kv_prefix(&self, kv: &mut CpuKvStore, from_slot: usize, to_slot: usize, positions: usize) {

@@ -10,7 +10,7 @@ pub enum SimdLevel {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX-512 F (+ the AVX2 set).
+    /// AVX-512 F, BW and VL (+ the AVX2 set): every AVX-512 CPU since Skylake-SP and Zen 4.
     Avx512,
 }
 
@@ -22,7 +22,10 @@ impl SimdLevel {
             let avx2 = std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c");
-            if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl");
+            if avx2 && avx512 {
                 return SimdLevel::Avx512;
             }
             if avx2 {
@@ -114,6 +117,25 @@ pub mod scalar {
         let n = y.len();
         for (t, &w) in weights.iter().enumerate() {
             axpy(w, &rows[t * stride..t * stride + n], y);
+        }
+    }
+
+    pub fn axpy_f16(a: f32, x: &[u16], y: &mut [f32]) {
+        for (y, &b) in y.iter_mut().zip(x) {
+            *y += a * f16_bits_to_f32(b);
+        }
+    }
+
+    pub fn strided_dots_f16(q: &[f32], rows: &[u16], stride: usize, out: &mut [f32]) {
+        for (t, o) in out.iter_mut().enumerate() {
+            *o = dot_f16(&rows[t * stride..t * stride + q.len()], q);
+        }
+    }
+
+    pub fn strided_axpys_f16(weights: &[f32], rows: &[u16], stride: usize, y: &mut [f32]) {
+        let n = y.len();
+        for (t, &w) in weights.iter().enumerate() {
+            axpy_f16(w, &rows[t * stride..t * stride + n], y);
         }
     }
 }
@@ -239,6 +261,32 @@ pub fn strided_axpys(level: SimdLevel, weights: &[f32], rows: &[f32], stride: us
     }
 }
 
+/// [`strided_dots`] over rows of f16 bits (the f16 KV cache's keys).
+pub fn strided_dots_f16(level: SimdLevel, q: &[f32], rows: &[u16], stride: usize, out: &mut [f32]) {
+    check_strided(q.len(), rows.len(), stride, out.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32; check_strided bounds every row.
+        SimdLevel::Avx512 => unsafe { x86::strided_dots_f16_avx512(q, rows, stride, out) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::strided_dots_f16_avx2(q, rows, stride, out) },
+        _ => scalar::strided_dots_f16(q, rows, stride, out),
+    }
+}
+
+/// [`strided_axpys`] over rows of f16 bits (the f16 KV cache's values).
+pub fn strided_axpys_f16(level: SimdLevel, weights: &[f32], rows: &[u16], stride: usize, y: &mut [f32]) {
+    check_strided(y.len(), rows.len(), stride, weights.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32; check_strided bounds every row.
+        SimdLevel::Avx512 => unsafe { x86::strided_axpys_f16_avx512(weights, rows, stride, y) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::strided_axpys_f16_avx2(weights, rows, stride, y) },
+        _ => scalar::strided_axpys_f16(weights, rows, stride, y),
+    }
+}
+
 /// `v = exp(v·scale − shift)` for every element, returning their sum: the exponentials of a
 /// softmax (arguments at most 0 there; results below about 1e-38 may come back as that floor).
 pub fn exp_scaled_in_place(level: SimdLevel, values: &mut [f32], scale: f32, shift: f32) -> f32 {
@@ -288,6 +336,24 @@ pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
     check_len(src.len(), dst.len());
     let halves: &[half::f16] = bytemuck::cast_slice(src);
     halves.convert_to_f32_slice(dst);
+}
+
+/// Narrows f32 values to f16 bits, rounding to nearest and saturating at ±65504 (the largest
+/// f16): a cached key past that range would otherwise become infinite and turn every score it
+/// touches into NaN. NaN stays NaN.
+pub fn f32_to_f16_saturating(src: &[f32], dst: &mut [u16]) {
+    use half::slice::HalfFloatSliceExt;
+    check_len(src.len(), dst.len());
+    const F16_MAX: f32 = 65504.0;
+    let mut clamped = [0.0f32; 64];
+    for (s, d) in src.chunks(64).zip(dst.chunks_mut(64)) {
+        let c = &mut clamped[..s.len()];
+        for (c, &v) in c.iter_mut().zip(s) {
+            *c = v.clamp(-F16_MAX, F16_MAX);
+        }
+        let halves: &mut [half::f16] = bytemuck::cast_slice_mut(d);
+        halves.convert_from_f32_slice(c);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -619,77 +685,129 @@ mod x86 {
         _mm512_add_ps(_mm512_shuffle_ps::<0x88>(w[0], w[1]), _mm512_shuffle_ps::<0xDD>(w[0], w[1]))
     }
 
-    /// Attention scores over cached keys, sixteen positions per step: the sixteen positions'
-    /// products accumulate in sixteen independent vectors (one chain each would wait on the
-    /// FMA latency), then reduce together (see `sums_of_16`).
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn strided_dots_avx512(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        let (width, count) = (q.len(), out.len());
-        let (pq, pr) = (q.as_ptr(), rows.as_ptr());
-        let mut t = 0;
-        while t < count {
-            let take = (count - t).min(16);
-            // Slot s holds position 4·(s % 4) + s / 4, so that the sums land in order; slots
-            // past the last position load nothing (an all-zero mask reads no memory).
-            let position = |slot: usize| 4 * (slot % 4) + slot / 4;
-            let starts: [*const f32; 16] = std::array::from_fn(|slot| pr.wrapping_add((t + position(slot)) * stride));
-            let present: [__mmask16; 16] = std::array::from_fn(|slot| if position(slot) < take { 0xffff } else { 0 });
-            let mut partials = [_mm512_setzero_ps(); 16];
-            let whole = width / 16;
-            if take == 16 {
-                // Every slot present: plain loads (per-slot masks cost mask-register moves).
-                for v in 0..whole {
-                    let qv = _mm512_loadu_ps(pq.add(16 * v));
-                    for (slot, partial) in partials.iter_mut().enumerate() {
-                        *partial = _mm512_fmadd_ps(qv, _mm512_loadu_ps(starts[slot].add(16 * v)), *partial);
+    unsafe fn load_f32x16_masked(mask: __mmask16, p: *const f32) -> __m512 {
+        _mm512_maskz_loadu_ps(mask, p)
+    }
+
+    /// Masked 16-bit loads need AVX-512 BW and VL, which [`SimdLevel::Avx512`] includes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load_f16x16_masked(mask: __mmask16, p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
+    }
+
+    /// The AVX-512 attention kernels over cached rows of `$t` (f32, or f16 bits widened as they
+    /// are loaded: the f16 cache halves the bytes a long context reads).
+    macro_rules! strided_avx512 {
+        ($dots:ident, $axpys:ident, $t:ty, $load:ident, $load_masked:ident) => {
+            /// Attention scores over cached keys, sixteen positions per step: the sixteen
+            /// positions' products accumulate in sixteen independent vectors (one chain each
+            /// would wait on the FMA latency), then reduce together (see `sums_of_16`).
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+            pub unsafe fn $dots(q: &[f32], rows: &[$t], stride: usize, out: &mut [f32]) {
+                let (width, count) = (q.len(), out.len());
+                let (pq, pr) = (q.as_ptr(), rows.as_ptr());
+                let mut t = 0;
+                while t < count {
+                    let take = (count - t).min(16);
+                    // Slot s holds position 4·(s % 4) + s / 4, so that the sums land in order;
+                    // slots past the last position load nothing (an all-zero mask reads no memory).
+                    let position = |slot: usize| 4 * (slot % 4) + slot / 4;
+                    let starts: [*const $t; 16] = std::array::from_fn(|slot| pr.wrapping_add((t + position(slot)) * stride));
+                    let present: [__mmask16; 16] = std::array::from_fn(|slot| if position(slot) < take { 0xffff } else { 0 });
+                    let mut partials = [_mm512_setzero_ps(); 16];
+                    let whole = width / 16;
+                    if take == 16 {
+                        // Every slot present: plain loads (per-slot masks cost mask-register moves).
+                        for v in 0..whole {
+                            let qv = _mm512_loadu_ps(pq.add(16 * v));
+                            for (slot, partial) in partials.iter_mut().enumerate() {
+                                *partial = _mm512_fmadd_ps(qv, $load(starts[slot].add(16 * v)), *partial);
+                            }
+                        }
                     }
+                    for v in if take == 16 { whole } else { 0 }..width.div_ceil(16) {
+                        let mask = lanes_in(width, v);
+                        let qv = _mm512_maskz_loadu_ps(mask, pq.add(16 * v));
+                        for (slot, partial) in partials.iter_mut().enumerate() {
+                            let k = $load_masked(mask & present[slot], starts[slot].wrapping_add(16 * v));
+                            *partial = _mm512_fmadd_ps(qv, k, *partial);
+                        }
+                    }
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), lanes_in(take, 0), sums_of_16(&partials));
+                    t += take;
                 }
             }
-            for v in if take == 16 { whole } else { 0 }..width.div_ceil(16) {
-                let mask = lanes_in(width, v);
-                let qv = _mm512_maskz_loadu_ps(mask, pq.add(16 * v));
-                for (slot, partial) in partials.iter_mut().enumerate() {
-                    let k = _mm512_maskz_loadu_ps(mask & present[slot], starts[slot].wrapping_add(16 * v));
-                    *partial = _mm512_fmadd_ps(qv, k, *partial);
+
+            /// The attention-weighted sum of cached values with `y` held in registers, 64 values
+            /// at a time across every row (one load and store of `y` per 64 values, not per row);
+            /// even and odd rows go to separate accumulators, so two FMA chains per vector hide
+            /// the latency.
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+            pub unsafe fn $axpys(weights: &[f32], rows: &[$t], stride: usize, y: &mut [f32]) {
+                let n = y.len();
+                let (pr, py) = (rows.as_ptr(), y.as_mut_ptr());
+                let mut c = 0;
+                while c < n {
+                    let masks: [__mmask16; 4] = std::array::from_fn(|v| lanes_in(n - c, v));
+                    // Masked-out lanes are never touched, so addresses past the slice are not read.
+                    let mut even: [__m512; 4] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], py.wrapping_add(c + 16 * v)));
+                    let mut odd = [_mm512_setzero_ps(); 4];
+                    let mut pairs = weights.chunks_exact(2);
+                    let row = |t: usize, v: usize| pr.wrapping_add(t * stride + c + 16 * v);
+                    for (i, pair) in pairs.by_ref().enumerate() {
+                        let (w0, w1) = (_mm512_set1_ps(pair[0]), _mm512_set1_ps(pair[1]));
+                        for v in 0..4 {
+                            even[v] = _mm512_fmadd_ps(w0, $load_masked(masks[v], row(2 * i, v)), even[v]);
+                            odd[v] = _mm512_fmadd_ps(w1, $load_masked(masks[v], row(2 * i + 1, v)), odd[v]);
+                        }
+                    }
+                    if let [w] = pairs.remainder() {
+                        let (wv, last) = (_mm512_set1_ps(*w), weights.len() - 1);
+                        for v in 0..4 {
+                            even[v] = _mm512_fmadd_ps(wv, $load_masked(masks[v], row(last, v)), even[v]);
+                        }
+                    }
+                    for v in 0..4 {
+                        _mm512_mask_storeu_ps(py.wrapping_add(c + 16 * v), masks[v], _mm512_add_ps(even[v], odd[v]));
+                    }
+                    c += 64;
                 }
             }
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), lanes_in(take, 0), sums_of_16(&partials));
-            t += take;
+        };
+    }
+    strided_avx512!(strided_dots_avx512, strided_axpys_avx512, f32, load_f32x16, load_f32x16_masked);
+    strided_avx512!(strided_dots_f16_avx512, strided_axpys_f16_avx512, u16, load_f16x16, load_f16x16_masked);
+
+    /// y += a · f16(x).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16_avx2(a: f32, x: &[u16], y: &mut [f32]) {
+        let n = x.len();
+        let va = _mm256_set1_ps(a);
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            let r = _mm256_fmadd_ps(va, load_f16x8(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), r);
+            i += 8;
+        }
+        super::scalar::axpy_f16(a, &x[i..], &mut y[i..]);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn strided_dots_f16_avx2(q: &[f32], rows: &[u16], stride: usize, out: &mut [f32]) {
+        for (t, o) in out.iter_mut().enumerate() {
+            *o = dot_f16_avx2(rows.get_unchecked(t * stride..t * stride + q.len()), q);
         }
     }
 
-    /// The attention-weighted sum of cached values with `y` held in registers, 64 values at a
-    /// time across every row (one load and store of `y` per 64 values, not per row); even and
-    /// odd rows go to separate accumulators, so two FMA chains per vector hide the latency.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn strided_axpys_avx512(weights: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn strided_axpys_f16_avx2(weights: &[f32], rows: &[u16], stride: usize, y: &mut [f32]) {
         let n = y.len();
-        let (pr, py) = (rows.as_ptr(), y.as_mut_ptr());
-        let mut c = 0;
-        while c < n {
-            let masks: [__mmask16; 4] = std::array::from_fn(|v| lanes_in(n - c, v));
-            // Masked-out lanes are never touched, so addresses past the slice are not read.
-            let mut even: [__m512; 4] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], py.wrapping_add(c + 16 * v)));
-            let mut odd = [_mm512_setzero_ps(); 4];
-            let mut pairs = weights.chunks_exact(2);
-            let row = |t: usize, v: usize| pr.wrapping_add(t * stride + c + 16 * v);
-            for (i, pair) in pairs.by_ref().enumerate() {
-                let (w0, w1) = (_mm512_set1_ps(pair[0]), _mm512_set1_ps(pair[1]));
-                for v in 0..4 {
-                    even[v] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(masks[v], row(2 * i, v)), even[v]);
-                    odd[v] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(masks[v], row(2 * i + 1, v)), odd[v]);
-                }
-            }
-            if let [w] = pairs.remainder() {
-                let (wv, last) = (_mm512_set1_ps(*w), weights.len() - 1);
-                for v in 0..4 {
-                    even[v] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(masks[v], row(last, v)), even[v]);
-                }
-            }
-            for v in 0..4 {
-                _mm512_mask_storeu_ps(py.wrapping_add(c + 16 * v), masks[v], _mm512_add_ps(even[v], odd[v]));
-            }
-            c += 64;
+        for (t, &w) in weights.iter().enumerate() {
+            axpy_f16_avx2(w, rows.get_unchecked(t * stride..t * stride + n), y);
         }
     }
 
@@ -802,6 +920,27 @@ mod tests {
     }
 
     #[test]
+    fn f16_narrowing_rounds_to_nearest_and_saturates() {
+        let values = [0.0f32, -1.5, 1.0 + 1e-4, 65504.0, 70000.0, -1e9, f32::INFINITY, 3e-8, f32::NAN];
+        let mut bits = vec![0u16; values.len()];
+        f32_to_f16_saturating(&values, &mut bits);
+        let back: Vec<f32> = bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+        for (&v, &b) in values[..4].iter().zip(&back) {
+            assert_eq!(b, half::f16::from_f32(v).to_f32(), "{v}");
+        }
+        assert_eq!(&back[4..7], &[65504.0, -65504.0, 65504.0]);
+        assert_eq!(back[7], half::f16::from_f32(3e-8).to_f32());
+        assert!(back[8].is_nan());
+        // Longer than one 64-value chunk, with a ragged end.
+        let long: Vec<f32> = (0..150).map(|i| i as f32 * 0.37 - 20.0).collect();
+        let mut bits = vec![0u16; long.len()];
+        f32_to_f16_saturating(&long, &mut bits);
+        for (&v, &b) in long.iter().zip(&bits) {
+            assert_eq!(b, half::f16::from_f32(v).to_bits());
+        }
+    }
+
+    #[test]
     fn strided_kernels_match_scalar_reference_on_every_level() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(10);
         for level in SimdLevel::all_supported() {
@@ -822,6 +961,23 @@ mod tests {
                 strided_axpys(level, &weights, &rows, stride, &mut got);
                 for (g, w) in got.iter().zip(&want) {
                     assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (count.max(1) as f32), "{level} axpys {width}/{stride}: {g} vs {w}");
+                }
+
+                // The f16 kernels against the f16 scalar reference (the same widened values).
+                let rows16: Vec<u16> = rows.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                let widened: Vec<f32> = rows16.iter().map(|&b| scalar::f16_bits_to_f32(b)).collect();
+                let mut want = vec![0.0; count];
+                scalar::strided_dots_f16(&q, &rows16, stride, &mut want);
+                let mut got = vec![f32::NAN; count];
+                strided_dots_f16(level, &q, &rows16, stride, &mut got);
+                for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= tolerance(&q, &widened[t * stride..t * stride + width]), "{level} f16 dots {width}/{stride}: {g} vs {w}");
+                }
+                let (mut want, mut got) = (y0.clone(), y0.clone());
+                scalar::strided_axpys_f16(&weights, &rows16, stride, &mut want);
+                strided_axpys_f16(level, &weights, &rows16, stride, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (count.max(1) as f32), "{level} f16 axpys {width}/{stride}: {g} vs {w}");
                 }
             }
         }

@@ -17,7 +17,7 @@ use self::compile::KernelCache;
 use self::device::{CudaUnavailable, DeviceInfo};
 use self::kernels::Kernels;
 use self::tables::{DeviceTable, PointTables};
-use super::{AttentionLayout, Backend, FusedArgs, RowTable};
+use super::{AttentionLayout, Backend, FusedArgs, KvPrecision, RowTable};
 use crate::error::{Error, Result};
 use crate::tensor::{HostTensor, TensorData};
 
@@ -461,12 +461,19 @@ impl Backend for CudaBackend {
         self.check()
     }
 
-    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout) -> Result<CudaKvStore> {
+    fn kv_store(&self, layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout, precision: KvPrecision) -> Result<CudaKvStore> {
         self.check()?;
+        if precision != KvPrecision::F32 {
+            return Err(Error::Unsupported(format!("a {precision} KV cache on CUDA (its attention kernel reads f32 entries; use an f32 cache)")));
+        }
         let kv_dim = layout.kv_dim();
         let len = layers * slots * max_positions * kv_dim;
         let alloc = || self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| device_error(&format!("allocating a KV cache of {len} floats"), e));
         Ok(CudaKvStore { layers, slots, max_positions, kv_dim, keys: alloc()?, values: alloc()? })
+    }
+
+    fn default_kv_precision(&self) -> KvPrecision {
+        KvPrecision::F32
     }
 
     fn embed(&self, table: &CudaMatrix, tokens: &[u32], out: &mut CudaSlice<f32>) {

@@ -8,6 +8,7 @@ use engram::backend::cpu::buffer::WeightBuffer;
 use engram::backend::cpu::matmul::{matmul, CpuMatrix, WeightData};
 use engram::backend::cpu::quant::{self, BlockFormat, BlockMatrix, Q8Activations, QuantKernel, ROWS_AT_ONCE};
 use engram::backend::cpu::simd::{self, SimdLevel};
+use engram::backend::cpu::attention_simd;
 
 fn random(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 1000.0 - 1.0).collect()
@@ -39,22 +40,24 @@ fn silu_gate(c: &mut Criterion) {
     group.finish();
 }
 
-/// Decode attention over one KV head's span of 1024 cached positions (head_dim 64, as
-/// SmolLM2-135M's): the scores against the keys, and the weighted sum of the values.
+/// Decode attention over one KV head's span of 1024 cached positions for the three query heads
+/// of its GQA group (head_dim 64: SmolLM2-135M's shape): the scores against the keys, and the
+/// weighted sums of the values, with f32 and f16 entries.
 fn attention_kernels(c: &mut Criterion) {
-    let (positions, head_dim) = (1024, 64);
-    let (q, cache) = (random(head_dim, 6), random(positions * head_dim, 7));
-    let weights: Vec<f32> = random(positions, 8).iter().map(|v| v.abs()).collect();
-    let (mut scores, mut sum) = (vec![0.0f32; positions], vec![0.0f32; head_dim]);
-    // The same keys and values as an f16 cache holds them.
-    let cache16: Vec<u16> = cache.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
-    let mut group = c.benchmark_group("attention_1024x64");
+    let (positions, head_dim, heads) = (1024, 64, 3);
+    let (queries, keys, values) = (random(heads * head_dim, 6), random(positions * head_dim, 7), random(positions * head_dim, 9));
+    let weights: Vec<f32> = random(heads * positions, 8).iter().map(|v| v.abs()).collect();
+    let (mut scores, mut sums) = (vec![0.0f32; heads * positions], vec![0.0f32; heads * head_dim]);
+    // The same entries as an f16 cache holds them.
+    let half = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect() };
+    let (keys16, values16) = (half(&keys), half(&values));
+    let mut group = c.benchmark_group("attention_3x1024x64");
     group.throughput(Throughput::Elements((positions * head_dim) as u64));
     for level in SimdLevel::all_supported() {
-        group.bench_with_input(BenchmarkId::new("scores", level), &level, |bench, &l| bench.iter(|| simd::strided_dots(l, &q, &cache, head_dim, &mut scores)));
-        group.bench_with_input(BenchmarkId::new("values", level), &level, |bench, &l| bench.iter(|| simd::strided_axpys(l, &weights, &cache, head_dim, &mut sum)));
-        group.bench_with_input(BenchmarkId::new("scores_f16", level), &level, |bench, &l| bench.iter(|| simd::strided_dots_f16(l, &q, &cache16, head_dim, &mut scores)));
-        group.bench_with_input(BenchmarkId::new("values_f16", level), &level, |bench, &l| bench.iter(|| simd::strided_axpys_f16(l, &weights, &cache16, head_dim, &mut sum)));
+        group.bench_with_input(BenchmarkId::new("scores", level), &level, |bench, &l| bench.iter(|| attention_simd::group_scores(l, &queries, head_dim, &keys, &mut scores)));
+        group.bench_with_input(BenchmarkId::new("values", level), &level, |bench, &l| bench.iter(|| attention_simd::group_values(l, &weights, &values, head_dim, &mut sums)));
+        group.bench_with_input(BenchmarkId::new("scores_f16", level), &level, |bench, &l| bench.iter(|| attention_simd::group_scores_f16(l, &queries, head_dim, &keys16, &mut scores)));
+        group.bench_with_input(BenchmarkId::new("values_f16", level), &level, |bench, &l| bench.iter(|| attention_simd::group_values_f16(l, &weights, &values16, head_dim, &mut sums)));
     }
     group.finish();
 }

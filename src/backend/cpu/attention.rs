@@ -2,11 +2,14 @@
 //!
 //! The cache is head-major: each KV head's positions lie one after another, so the scores and
 //! the weighted sum of values read one sequential stream per head, which the hardware
-//! prefetchers follow. Position-major rows read 64 of every 192 values per head, and at 4000
-//! positions attention ran at about a quarter of the memory bandwidth.
+//! prefetchers follow (position-major rows read 64 of every 192 values per head, and at 4000
+//! positions attention ran at about a quarter of the memory bandwidth). Keys are kept in blocks
+//! of sixteen positions, dimension-major inside a block (see [`attention_simd`]), so that decode
+//! scores a GQA group's query heads in one pass over the keys without horizontal sums.
 
 use rayon::prelude::*;
 
+use super::attention_simd::{self, KEY_BLOCK};
 use super::buffer::ZeroedBuffer;
 use super::matmul::{gemm_strided, MatRef};
 use super::simd::{self, SimdLevel};
@@ -35,6 +38,26 @@ impl KvValues {
         }
     }
 
+    /// Writes `src[d]` at `at + d·stride` (a key into its block, dimension-major).
+    fn write_strided(&mut self, at: usize, src: &[f32], stride: usize) {
+        match self {
+            KvValues::F32(v) => {
+                for (d, &x) in src.iter().enumerate() {
+                    v[at + d * stride] = x;
+                }
+            }
+            KvValues::F16(v) => {
+                let mut bits = [0u16; 64];
+                for (c, chunk) in src.chunks(bits.len()).enumerate() {
+                    simd::f32_to_f16_saturating(chunk, &mut bits[..chunk.len()]);
+                    for (d, &b) in bits[..chunk.len()].iter().enumerate() {
+                        v[at + (c * 64 + d) * stride] = b;
+                    }
+                }
+            }
+        }
+    }
+
     fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
         match self {
             KvValues::F32(v) => v.copy_within(src, dst),
@@ -58,28 +81,19 @@ enum KvRows<'a> {
 }
 
 impl<'a> KvRows<'a> {
-    /// Rows `positions` of this run, `hd` values each.
-    fn block(self, positions: std::ops::Range<usize>, hd: usize) -> KvRows<'a> {
-        let range = positions.start * hd..positions.end * hd;
+    /// Scores of a group's query heads (`[heads][head_dim]`) against these key blocks.
+    fn group_scores(self, level: SimdLevel, queries: &[f32], hd: usize, out: &mut [f32]) {
         match self {
-            KvRows::F32(v) => KvRows::F32(&v[range]),
-            KvRows::F16(v) => KvRows::F16(&v[range]),
+            KvRows::F32(keys) => attention_simd::group_scores(level, queries, hd, keys, out),
+            KvRows::F16(keys) => attention_simd::group_scores_f16(level, queries, hd, keys, out),
         }
     }
 
-    /// `out[t] = q · row t`.
-    fn dots(self, level: SimdLevel, q: &[f32], hd: usize, out: &mut [f32]) {
+    /// Weighted sums of these value rows for a group's heads (`weights` is `[heads][rows]`).
+    fn group_values(self, level: SimdLevel, weights: &[f32], hd: usize, y: &mut [f32]) {
         match self {
-            KvRows::F32(rows) => simd::strided_dots(level, q, rows, hd, out),
-            KvRows::F16(rows) => simd::strided_dots_f16(level, q, rows, hd, out),
-        }
-    }
-
-    /// `y += Σ_t weights[t] · row t`.
-    fn axpys(self, level: SimdLevel, weights: &[f32], hd: usize, y: &mut [f32]) {
-        match self {
-            KvRows::F32(rows) => simd::strided_axpys(level, weights, rows, hd, y),
-            KvRows::F16(rows) => simd::strided_axpys_f16(level, weights, rows, hd, y),
+            KvRows::F32(values) => attention_simd::group_values(level, weights, values, hd, y),
+            KvRows::F16(values) => attention_simd::group_values_f16(level, weights, values, hd, y),
         }
     }
 
@@ -97,7 +111,9 @@ impl<'a> KvRows<'a> {
 }
 
 /// K and V of every layer, slot, KV head and position, allocated once:
-/// `[layer][slot][kv_head][position][head_dim]`.
+/// `[layer][slot][kv_head][position][head_dim]` for values, and for keys the same with each
+/// head's positions in blocks of [`KEY_BLOCK`], dimension-major inside a block. Each head has
+/// room for `max_positions` rounded up to whole blocks.
 #[derive(Debug)]
 pub struct CpuKvStore {
     pub layers: usize,
@@ -113,7 +129,8 @@ pub struct CpuKvStore {
 impl CpuKvStore {
     /// A failed mapping (a context the machine cannot hold) is an error naming the size.
     pub fn new(layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout, precision: KvPrecision) -> crate::error::Result<Self> {
-        let len = [layers, slots, max_positions, layout.kv_dim()].iter().try_fold(1usize, |n, &f| n.checked_mul(f));
+        let padded = max_positions.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        let len = [layers, slots, padded, layout.kv_dim()].iter().try_fold(1usize, |n, &f| n.checked_mul(f));
         let (kv_heads, head_dim) = (layout.kv_heads, layout.head_dim);
         let too_big = |reason: String| {
             crate::error::Error::InvalidInput(format!(
@@ -127,16 +144,53 @@ impl CpuKvStore {
         Ok(CpuKvStore { layers, slots, max_positions, kv_heads, head_dim, precision, keys, values })
     }
 
-    /// Where KV head `head`'s entry for `position` starts; its positions follow one another.
-    fn offset(&self, layer: usize, slot: usize, head: usize, position: usize) -> usize {
-        (((layer * self.slots + slot) * self.kv_heads + head) * self.max_positions + position) * self.head_dim
+    /// Positions each head has room for: `max_positions` in whole key blocks.
+    fn padded_positions(&self) -> usize {
+        self.max_positions.div_ceil(KEY_BLOCK) * KEY_BLOCK
     }
 
-    /// Keys and values of KV head `head` at positions `positions`.
+    /// Where KV head `head`'s value row for `position` starts (and, for a position at a block
+    /// boundary, its key block); its positions follow one another.
+    fn offset(&self, layer: usize, slot: usize, head: usize, position: usize) -> usize {
+        (((layer * self.slots + slot) * self.kv_heads + head) * self.padded_positions() + position) * self.head_dim
+    }
+
+    /// Key blocks and value rows of KV head `head` at `positions`, which start at a block
+    /// boundary (the keys run to the end of the last block they touch).
     fn head_rows(&self, layer: usize, slot: usize, head: usize, positions: std::ops::Range<usize>) -> (KvRows<'_>, KvRows<'_>) {
+        debug_assert!(positions.start % KEY_BLOCK == 0, "key spans start at a block boundary");
         let first = self.offset(layer, slot, head, 0);
-        let span = first + positions.start * self.head_dim..first + positions.end * self.head_dim;
-        (self.keys.rows(span.clone()), self.values.rows(span))
+        let hd = self.head_dim;
+        let keys = first + positions.start * hd..first + positions.end.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd;
+        (self.keys.rows(keys), self.values.rows(first + positions.start * hd..first + positions.end * hd))
+    }
+
+    /// Stores the k and v of KV head `head` at `position`.
+    fn store(&mut self, layer: usize, slot: usize, head: usize, position: usize, k: &[f32], v: &[f32]) {
+        let block = self.offset(layer, slot, head, position / KEY_BLOCK * KEY_BLOCK);
+        self.keys.write_strided(block + position % KEY_BLOCK, k, KEY_BLOCK);
+        self.values.write(self.offset(layer, slot, head, position), v);
+    }
+
+    /// Keys of KV head `head` at positions `0..context` as an f32 `[head_dim][context]` matrix
+    /// (Kᵀ, what the prefill gemm multiplies by).
+    fn keys_transposed(&self, layer: usize, slot: usize, head: usize, context: usize) -> Vec<f32> {
+        let hd = self.head_dim;
+        let (blocks, _) = self.head_rows(layer, slot, head, 0..context);
+        let mut transposed = vec![0.0f32; hd * context];
+        let mut widened = [0.0f32; KEY_BLOCK];
+        for block in 0..context.div_ceil(KEY_BLOCK) {
+            let (first, take) = (block * KEY_BLOCK, (context - block * KEY_BLOCK).min(KEY_BLOCK));
+            for d in 0..hd {
+                let at = (block * hd + d) * KEY_BLOCK;
+                match blocks {
+                    KvRows::F32(keys) => widened.copy_from_slice(&keys[at..at + KEY_BLOCK]),
+                    KvRows::F16(keys) => simd::f16_to_f32(&keys[at..at + KEY_BLOCK], &mut widened),
+                }
+                transposed[d * context + first..d * context + first + take].copy_from_slice(&widened[..take]);
+            }
+        }
+        transposed
     }
 
     /// Copies positions `0..positions` of every layer's K and V from `from` to `to`.
@@ -145,12 +199,14 @@ impl CpuKvStore {
         if from == to || positions == 0 {
             return;
         }
-        let len = positions * self.head_dim;
+        // Keys go in whole blocks: the positions past `positions` in the last one come along and
+        // are overwritten before the target slot ever reads them.
+        let (key_len, value_len) = (positions.div_ceil(KEY_BLOCK) * KEY_BLOCK * self.head_dim, positions * self.head_dim);
         for layer in 0..self.layers {
             for head in 0..self.kv_heads {
                 let (src, dst) = (self.offset(layer, from, head, 0), self.offset(layer, to, head, 0));
-                self.keys.copy_within(src..src + len, dst);
-                self.values.copy_within(src..src + len, dst);
+                self.keys.copy_within(src..src + key_len, dst);
+                self.values.copy_within(src..src + value_len, dst);
             }
         }
     }
@@ -183,9 +239,7 @@ pub fn attention(
         assert!(slot < kv.slots && pos < kv.max_positions && layer < kv.layers, "row outside the KV cache");
         let row = &qkv[r * width..(r + 1) * width];
         for g in 0..layout.kv_heads {
-            let base = kv.offset(layer, slot, g, pos);
-            kv.keys.write(base, &row[q_dim + g * hd..q_dim + (g + 1) * hd]);
-            kv.values.write(base, &row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd]);
+            kv.store(layer, slot, g, pos, &row[q_dim + g * hd..q_dim + (g + 1) * hd], &row[q_dim + kv_dim + g * hd..q_dim + kv_dim + (g + 1) * hd]);
         }
     }
     let kv = &*kv;
@@ -207,14 +261,13 @@ pub fn attention(
 
 /// Positions below which a row's attention is not split across tasks.
 const SPLIT_MIN_POSITIONS: usize = 256;
-/// Positions of one KV head per L1-resident block in decode (16 KiB of keys at head_dim 64).
-const L1_POSITIONS: usize = 64;
 
-/// Decode rows: one task per (row, KV head, span of positions). The query heads sharing a KV head
-/// run back to back over the same span, so its keys and values come from memory once (GQA), and
-/// long contexts are split into spans (flash-decoding) so that every thread has work. Each span
-/// returns per query head its running max, the sum of its exponentials and the unnormalized
-/// weighted sum of values; the spans of a head are then merged exactly.
+/// Decode rows: one task per (row, KV head, span of positions). The query heads sharing a KV
+/// head are scored in one pass over its keys and summed in one pass over its values, so each
+/// cached entry is read (and widened) once for the whole group (GQA), and long contexts are split
+/// into spans (flash-decoding) so that every thread has work. Each span returns per query head
+/// its running max, the sum of its exponentials and the unnormalized weighted sum of values; the
+/// spans of a head are then merged exactly.
 #[allow(clippy::too_many_arguments)]
 fn attend_rows(
     level: SimdLevel,
@@ -233,65 +286,56 @@ fn attend_rows(
     // Many spans per thread: with 4 per thread a 4000-position row made 9 tasks for 2 threads,
     // one thread idle for the ninth (16 measured 1.05x faster decode at that context).
     let target_tasks = 16 * rayon::current_num_threads();
-    // (row, kv head, first position, end position)
+    // (row, kv head, first position, end position); spans start at key-block boundaries.
     let mut tasks = Vec::new();
     for r in 0..rows {
         let positions = table.positions[begin + r] as usize + 1;
         let splits = target_tasks.div_ceil(rows * layout.kv_heads).min(positions.div_ceil(SPLIT_MIN_POSITIONS)).max(1);
-        let span = positions.div_ceil(splits);
+        let span = positions.div_ceil(splits).div_ceil(KEY_BLOCK) * KEY_BLOCK;
         for g in 0..layout.kv_heads {
             for start in (0..positions).step_by(span) {
                 tasks.push((r, g, start, (start + span).min(positions)));
             }
         }
     }
-    // Per task and query head of its group: [max, sum, hd values].
+    // Per task: the group's weighted value sums `[head][hd]`, then each head's max, then each
+    // head's sum of exponentials.
     let partials: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(r, g, start, end)| {
             let slot = table.slots[begin + r] as usize;
             let (keys, values) = kv.head_rows(layer, slot, g, start..end);
             let n = end - start;
-            let query = |i: usize| &qkv[(begin + r) * width + (g * group + i) * hd..][..hd];
-            let blocks = || (0..n).step_by(L1_POSITIONS).map(|b| b..(b + L1_POSITIONS).min(n));
-            // Scores of the group's query heads, [head][position]: blocks of positions outer and
-            // heads inner, so a block of keys stays in L1 while every head of the group passes
-            // and the span streams from memory once (likewise the values below).
+            let queries = &qkv[(begin + r) * width + g * group * hd..][..group * hd];
             let mut scores = vec![0.0f32; group * n];
-            for block in blocks() {
-                for (i, head_scores) in scores.chunks_exact_mut(n).enumerate() {
-                    keys.block(block.clone(), hd).dots(level, query(i), hd, &mut head_scores[block.clone()]);
-                }
-            }
+            keys.group_scores(level, queries, hd, &mut scores);
             let mut partial = vec![0.0f32; group * (hd + 2)];
-            for (part, head_scores) in partial.chunks_exact_mut(hd + 2).zip(scores.chunks_exact_mut(n)) {
+            for (i, head_scores) in scores.chunks_exact_mut(n).enumerate() {
                 let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-                part[0] = max;
-                part[1] = simd::exp_scaled_in_place(level, head_scores, scale, max);
+                partial[group * hd + i] = max;
+                partial[group * (hd + 1) + i] = simd::exp_scaled_in_place(level, head_scores, scale, max);
             }
-            for block in blocks() {
-                for (part, head_scores) in partial.chunks_exact_mut(hd + 2).zip(scores.chunks_exact(n)) {
-                    values.block(block.clone(), hd).axpys(level, &head_scores[block.clone()], hd, &mut part[2..]);
-                }
-            }
+            values.group_values(level, &scores, hd, &mut partial[..group * hd]);
             partial
         })
         .collect();
     // Merge the spans of each (row, query head): rescale each to the overall max.
     out.fill(0.0);
-    let mut by_head: Vec<Vec<&[f32]>> = vec![Vec::new(); rows * layout.heads];
+    // (value sums, max, sum of exponentials) of each span, per (row, query head).
+    let mut by_head: Vec<Vec<(&[f32], f32, f32)>> = vec![Vec::new(); rows * layout.heads];
     for (&(r, g, _, _), partial) in tasks.iter().zip(&partials) {
-        for (i, part) in partial.chunks_exact(hd + 2).enumerate() {
+        for i in 0..group {
+            let part = (&partial[i * hd..(i + 1) * hd], partial[group * hd + i], partial[group * (hd + 1) + i]);
             by_head[r * layout.heads + g * group + i].push(part);
         }
     }
     for (index, parts) in by_head.iter().enumerate() {
-        let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p[0]));
-        let weights: Vec<f32> = parts.iter().map(|p| (p[0] - max).exp()).collect();
-        let total: f32 = parts.iter().zip(&weights).map(|(p, w)| p[1] * w).sum();
+        let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.1));
+        let weights: Vec<f32> = parts.iter().map(|p| (p.1 - max).exp()).collect();
+        let total: f32 = parts.iter().zip(&weights).map(|(p, w)| p.2 * w).sum();
         let head_out = &mut out[index * hd..(index + 1) * hd];
         for (p, w) in parts.iter().zip(&weights) {
-            simd::axpy(level, w / total, &p[2..], head_out);
+            simd::axpy(level, w / total, p.0, head_out);
         }
     }
 }
@@ -328,13 +372,14 @@ fn attend_run(
     let heads: Vec<Vec<f32>> = (0..layout.heads)
         .into_par_iter()
         .map(|h| {
-            // The gemms read f32: an f16 cache's rows are widened here, a small cost beside
-            // the products (context·head_dim values against n·context·head_dim multiply-adds).
-            let (keys, values) = kv.head_rows(layer, slot, h / group, 0..context);
-            let (keys, values) = (keys.to_f32(), values.to_f32());
-            let (keys, values) = (&keys[..], &values[..]);
+            // The gemms read f32 matrices: the key blocks are unpacked into Kᵀ and an f16 cache's
+            // values widened, a small cost beside the products (context·head_dim values against
+            // n·context·head_dim multiply-adds).
+            let keys_t = kv.keys_transposed(layer, slot, h / group, context);
+            let (_, values) = kv.head_rows(layer, slot, h / group, 0..context);
+            let values = values.to_f32();
             let q = MatRef { data: &qkv[begin * width + h * hd..], rows: n, cols: hd, row_stride: width, col_stride: 1 };
-            let k_t = MatRef::dense(keys, context, hd).transposed();
+            let k_t = MatRef::dense(&keys_t, hd, context);
             let mut scores = vec![0.0f32; n * context];
             gemm_strided(1, q, k_t, &mut scores, context, false);
             for (i, row) in scores.chunks_mut(context).enumerate() {
@@ -346,7 +391,7 @@ fn attend_run(
                 row[visible..].fill(0.0);
             }
             let p = MatRef::dense(&scores, n, context);
-            let v = MatRef::dense(values, context, hd);
+            let v = MatRef::dense(&values, context, hd);
             let mut head_out = vec![0.0f32; n * hd];
             gemm_strided(1, p, v, &mut head_out, hd, false);
             head_out

@@ -2,6 +2,7 @@
 //! AVX-512/AVX2/scalar chosen at run time, and a rayon pool of its own (no global pool).
 
 pub mod attention;
+pub mod attention_simd;
 pub mod buffer;
 pub mod matmul;
 pub mod quant;

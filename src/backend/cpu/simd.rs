@@ -106,38 +106,6 @@ pub mod scalar {
             *o = g / (1.0 + (-g).exp()) * u;
         }
     }
-
-    pub fn strided_dots(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        for (t, o) in out.iter_mut().enumerate() {
-            *o = dot_f32(q, &rows[t * stride..t * stride + q.len()]);
-        }
-    }
-
-    pub fn strided_axpys(weights: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
-        let n = y.len();
-        for (t, &w) in weights.iter().enumerate() {
-            axpy(w, &rows[t * stride..t * stride + n], y);
-        }
-    }
-
-    pub fn axpy_f16(a: f32, x: &[u16], y: &mut [f32]) {
-        for (y, &b) in y.iter_mut().zip(x) {
-            *y += a * f16_bits_to_f32(b);
-        }
-    }
-
-    pub fn strided_dots_f16(q: &[f32], rows: &[u16], stride: usize, out: &mut [f32]) {
-        for (t, o) in out.iter_mut().enumerate() {
-            *o = dot_f16(&rows[t * stride..t * stride + q.len()], q);
-        }
-    }
-
-    pub fn strided_axpys_f16(weights: &[f32], rows: &[u16], stride: usize, y: &mut [f32]) {
-        let n = y.len();
-        for (t, &w) in weights.iter().enumerate() {
-            axpy_f16(w, &rows[t * stride..t * stride + n], y);
-        }
-    }
 }
 
 // ---------------------------------------------------------------- safe dispatchers
@@ -233,60 +201,6 @@ pub fn axpy(level: SimdLevel, a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `out[t] = q · rows[t·stride .. t·stride + q.len()]` for every `t < out.len()`: attention
-/// scores against cached keys, in one dispatch instead of one per position.
-pub fn strided_dots(level: SimdLevel, q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    check_strided(q.len(), rows.len(), stride, out.len());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: see dot_f32; check_strided bounds every row.
-        SimdLevel::Avx512 => unsafe { x86::strided_dots_avx512(q, rows, stride, out) },
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { x86::strided_dots_avx2(q, rows, stride, out) },
-        _ => scalar::strided_dots(q, rows, stride, out),
-    }
-}
-
-/// `y += Σ_t weights[t] · rows[t·stride .. t·stride + y.len()]`: the attention-weighted sum of
-/// cached values, in one dispatch.
-pub fn strided_axpys(level: SimdLevel, weights: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
-    check_strided(y.len(), rows.len(), stride, weights.len());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: see dot_f32; check_strided bounds every row.
-        SimdLevel::Avx512 => unsafe { x86::strided_axpys_avx512(weights, rows, stride, y) },
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { x86::strided_axpys_avx2(weights, rows, stride, y) },
-        _ => scalar::strided_axpys(weights, rows, stride, y),
-    }
-}
-
-/// [`strided_dots`] over rows of f16 bits (the f16 KV cache's keys).
-pub fn strided_dots_f16(level: SimdLevel, q: &[f32], rows: &[u16], stride: usize, out: &mut [f32]) {
-    check_strided(q.len(), rows.len(), stride, out.len());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: see dot_f32; check_strided bounds every row.
-        SimdLevel::Avx512 => unsafe { x86::strided_dots_f16_avx512(q, rows, stride, out) },
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { x86::strided_dots_f16_avx2(q, rows, stride, out) },
-        _ => scalar::strided_dots_f16(q, rows, stride, out),
-    }
-}
-
-/// [`strided_axpys`] over rows of f16 bits (the f16 KV cache's values).
-pub fn strided_axpys_f16(level: SimdLevel, weights: &[f32], rows: &[u16], stride: usize, y: &mut [f32]) {
-    check_strided(y.len(), rows.len(), stride, weights.len());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: see dot_f32; check_strided bounds every row.
-        SimdLevel::Avx512 => unsafe { x86::strided_axpys_f16_avx512(weights, rows, stride, y) },
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { x86::strided_axpys_f16_avx2(weights, rows, stride, y) },
-        _ => scalar::strided_axpys_f16(weights, rows, stride, y),
-    }
-}
-
 /// `v = exp(v·scale − shift)` for every element, returning their sum: the exponentials of a
 /// softmax (arguments at most 0 there; results below about 1e-38 may come back as that floor).
 pub fn exp_scaled_in_place(level: SimdLevel, values: &mut [f32], scale: f32, shift: f32) -> f32 {
@@ -309,11 +223,6 @@ pub fn silu_mul(level: SimdLevel, gate: &[f32], up: &[f32], out: &mut [f32]) {
         SimdLevel::Avx512 => unsafe { x86::silu_mul_avx512(gate, up, out) },
         _ => scalar::silu_mul(gate, up, out),
     }
-}
-
-/// `count` rows of `width` values, `stride` apart, must lie inside `len`.
-fn check_strided(width: usize, len: usize, stride: usize, count: usize) {
-    assert!(count == 0 || (count - 1) * stride + width <= len, "strided rows exceed their slice");
 }
 
 /// Σ x_i².
@@ -632,186 +541,12 @@ mod x86 {
         }
     }
 
-    /// The per-row kernels above, inlined into one loop (AVX2; the AVX-512 pair above blocks
-    /// positions and keeps the sums in registers).
-    macro_rules! strided {
-        ($dots:ident, $axpys:ident, $dot:ident, $axpy:ident, $features:literal) => {
-            #[target_feature(enable = $features)]
-            pub unsafe fn $dots(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-                for (t, o) in out.iter_mut().enumerate() {
-                    *o = $dot(q, rows.get_unchecked(t * stride..t * stride + q.len()));
-                }
-            }
-
-            #[target_feature(enable = $features)]
-            pub unsafe fn $axpys(weights: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
-                let n = y.len();
-                for (t, &w) in weights.iter().enumerate() {
-                    $axpy(w, rows.get_unchecked(t * stride..t * stride + n), y);
-                }
-            }
-        };
-    }
     /// The lanes of vector `v` (of a run of 16-float vectors) that fall inside `len` values.
     #[inline]
     fn lanes_in(len: usize, v: usize) -> __mmask16 {
         let inside = len.saturating_sub(16 * v).min(16);
         ((1u32 << inside) - 1) as __mmask16
     }
-
-    /// Lane `j` of the result is the sum of `v[4·(j % 4) + j / 4]`: sixteen horizontal sums
-    /// in 15 adds and 30 shuffles (a transposing tree), where one `reduce_add` per vector costs
-    /// about as much each. Callers place their inputs in that order so the lanes come out in
-    /// place (the order is its own inverse).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn sums_of_16(v: &[__m512; 16]) -> __m512 {
-        // Halves of 256 bits folded: pair (a, b) -> lanes 0-1 sum to a, lanes 2-3 to b.
-        let t: [__m512; 8] = std::array::from_fn(|i| {
-            let (a, b) = (v[2 * i], v[2 * i + 1]);
-            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
-        });
-        // 128-bit lane k of u[i] sums to v[4i + k].
-        let u: [__m512; 4] = std::array::from_fn(|i| {
-            let (a, b) = (t[2 * i], t[2 * i + 1]);
-            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
-        });
-        // Within each 128-bit lane k: elements 0-1 sum to v[8i + k], 2-3 to v[8i + 4 + k].
-        let w: [__m512; 2] = std::array::from_fn(|i| {
-            let (a, b) = (u[2 * i], u[2 * i + 1]);
-            _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b))
-        });
-        // Element e of 128-bit lane k: the sum of v[4e + k].
-        _mm512_add_ps(_mm512_shuffle_ps::<0x88>(w[0], w[1]), _mm512_shuffle_ps::<0xDD>(w[0], w[1]))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load_f32x16_masked(mask: __mmask16, p: *const f32) -> __m512 {
-        _mm512_maskz_loadu_ps(mask, p)
-    }
-
-    /// Masked 16-bit loads need AVX-512 BW and VL, which [`SimdLevel::Avx512`] includes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load_f16x16_masked(mask: __mmask16, p: *const u16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
-    }
-
-    /// The AVX-512 attention kernels over cached rows of `$t` (f32, or f16 bits widened as they
-    /// are loaded: the f16 cache halves the bytes a long context reads).
-    macro_rules! strided_avx512 {
-        ($dots:ident, $axpys:ident, $t:ty, $load:ident, $load_masked:ident) => {
-            /// Attention scores over cached keys, sixteen positions per step: the sixteen
-            /// positions' products accumulate in sixteen independent vectors (one chain each
-            /// would wait on the FMA latency), then reduce together (see `sums_of_16`).
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-            pub unsafe fn $dots(q: &[f32], rows: &[$t], stride: usize, out: &mut [f32]) {
-                let (width, count) = (q.len(), out.len());
-                let (pq, pr) = (q.as_ptr(), rows.as_ptr());
-                let mut t = 0;
-                while t < count {
-                    let take = (count - t).min(16);
-                    // Slot s holds position 4·(s % 4) + s / 4, so that the sums land in order;
-                    // slots past the last position load nothing (an all-zero mask reads no memory).
-                    let position = |slot: usize| 4 * (slot % 4) + slot / 4;
-                    let starts: [*const $t; 16] = std::array::from_fn(|slot| pr.wrapping_add((t + position(slot)) * stride));
-                    let present: [__mmask16; 16] = std::array::from_fn(|slot| if position(slot) < take { 0xffff } else { 0 });
-                    let mut partials = [_mm512_setzero_ps(); 16];
-                    let whole = width / 16;
-                    if take == 16 {
-                        // Every slot present: plain loads (per-slot masks cost mask-register moves).
-                        for v in 0..whole {
-                            let qv = _mm512_loadu_ps(pq.add(16 * v));
-                            for (slot, partial) in partials.iter_mut().enumerate() {
-                                *partial = _mm512_fmadd_ps(qv, $load(starts[slot].add(16 * v)), *partial);
-                            }
-                        }
-                    }
-                    for v in if take == 16 { whole } else { 0 }..width.div_ceil(16) {
-                        let mask = lanes_in(width, v);
-                        let qv = _mm512_maskz_loadu_ps(mask, pq.add(16 * v));
-                        for (slot, partial) in partials.iter_mut().enumerate() {
-                            let k = $load_masked(mask & present[slot], starts[slot].wrapping_add(16 * v));
-                            *partial = _mm512_fmadd_ps(qv, k, *partial);
-                        }
-                    }
-                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), lanes_in(take, 0), sums_of_16(&partials));
-                    t += take;
-                }
-            }
-
-            /// The attention-weighted sum of cached values with `y` held in registers, 64 values
-            /// at a time across every row (one load and store of `y` per 64 values, not per row);
-            /// even and odd rows go to separate accumulators, so two FMA chains per vector hide
-            /// the latency.
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-            pub unsafe fn $axpys(weights: &[f32], rows: &[$t], stride: usize, y: &mut [f32]) {
-                let n = y.len();
-                let (pr, py) = (rows.as_ptr(), y.as_mut_ptr());
-                let mut c = 0;
-                while c < n {
-                    let masks: [__mmask16; 4] = std::array::from_fn(|v| lanes_in(n - c, v));
-                    // Masked-out lanes are never touched, so addresses past the slice are not read.
-                    let mut even: [__m512; 4] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], py.wrapping_add(c + 16 * v)));
-                    let mut odd = [_mm512_setzero_ps(); 4];
-                    let mut pairs = weights.chunks_exact(2);
-                    let row = |t: usize, v: usize| pr.wrapping_add(t * stride + c + 16 * v);
-                    for (i, pair) in pairs.by_ref().enumerate() {
-                        let (w0, w1) = (_mm512_set1_ps(pair[0]), _mm512_set1_ps(pair[1]));
-                        for v in 0..4 {
-                            even[v] = _mm512_fmadd_ps(w0, $load_masked(masks[v], row(2 * i, v)), even[v]);
-                            odd[v] = _mm512_fmadd_ps(w1, $load_masked(masks[v], row(2 * i + 1, v)), odd[v]);
-                        }
-                    }
-                    if let [w] = pairs.remainder() {
-                        let (wv, last) = (_mm512_set1_ps(*w), weights.len() - 1);
-                        for v in 0..4 {
-                            even[v] = _mm512_fmadd_ps(wv, $load_masked(masks[v], row(last, v)), even[v]);
-                        }
-                    }
-                    for v in 0..4 {
-                        _mm512_mask_storeu_ps(py.wrapping_add(c + 16 * v), masks[v], _mm512_add_ps(even[v], odd[v]));
-                    }
-                    c += 64;
-                }
-            }
-        };
-    }
-    strided_avx512!(strided_dots_avx512, strided_axpys_avx512, f32, load_f32x16, load_f32x16_masked);
-    strided_avx512!(strided_dots_f16_avx512, strided_axpys_f16_avx512, u16, load_f16x16, load_f16x16_masked);
-
-    /// y += a · f16(x).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy_f16_avx2(a: f32, x: &[u16], y: &mut [f32]) {
-        let n = x.len();
-        let va = _mm256_set1_ps(a);
-        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-        let mut i = 0;
-        while i + 8 <= n {
-            let r = _mm256_fmadd_ps(va, load_f16x8(px.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), r);
-            i += 8;
-        }
-        super::scalar::axpy_f16(a, &x[i..], &mut y[i..]);
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn strided_dots_f16_avx2(q: &[f32], rows: &[u16], stride: usize, out: &mut [f32]) {
-        for (t, o) in out.iter_mut().enumerate() {
-            *o = dot_f16_avx2(rows.get_unchecked(t * stride..t * stride + q.len()), q);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn strided_axpys_f16_avx2(weights: &[f32], rows: &[u16], stride: usize, y: &mut [f32]) {
-        let n = y.len();
-        for (t, &w) in weights.iter().enumerate() {
-            axpy_f16_avx2(w, rows.get_unchecked(t * stride..t * stride + n), y);
-        }
-    }
-
-    strided!(strided_dots_avx2, strided_axpys_avx2, dot_f32_avx2, axpy_avx2, "avx2,fma");
 }
 
 #[cfg(test)]
@@ -937,49 +672,6 @@ mod tests {
         f32_to_f16_saturating(&long, &mut bits);
         for (&v, &b) in long.iter().zip(&bits) {
             assert_eq!(b, half::f16::from_f32(v).to_bits());
-        }
-    }
-
-    #[test]
-    fn strided_kernels_match_scalar_reference_on_every_level() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
-        for level in SimdLevel::all_supported() {
-            for (width, stride, count) in [(64usize, 192usize, 37usize), (64, 192, 100), (17, 17, 5), (64, 64, 1), (32, 40, 0), (80, 96, 19), (130, 130, 16), (3, 5, 33)] {
-                let q = random_vec(&mut rng, width);
-                let rows = random_vec(&mut rng, (count.max(1) - 1) * stride + width);
-                let mut want = vec![0.0; count];
-                scalar::strided_dots(&q, &rows, stride, &mut want);
-                let mut got = vec![f32::NAN; count];
-                strided_dots(level, &q, &rows, stride, &mut got);
-                for (t, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= tolerance(&q, &rows[t * stride..t * stride + width]), "{level} dots {width}/{stride}");
-                }
-                let weights = random_vec(&mut rng, count);
-                let y0 = random_vec(&mut rng, width);
-                let (mut want, mut got) = (y0.clone(), y0.clone());
-                scalar::strided_axpys(&weights, &rows, stride, &mut want);
-                strided_axpys(level, &weights, &rows, stride, &mut got);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (count.max(1) as f32), "{level} axpys {width}/{stride}: {g} vs {w}");
-                }
-
-                // The f16 kernels against the f16 scalar reference (the same widened values).
-                let rows16: Vec<u16> = rows.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
-                let widened: Vec<f32> = rows16.iter().map(|&b| scalar::f16_bits_to_f32(b)).collect();
-                let mut want = vec![0.0; count];
-                scalar::strided_dots_f16(&q, &rows16, stride, &mut want);
-                let mut got = vec![f32::NAN; count];
-                strided_dots_f16(level, &q, &rows16, stride, &mut got);
-                for (t, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= tolerance(&q, &widened[t * stride..t * stride + width]), "{level} f16 dots {width}/{stride}: {g} vs {w}");
-                }
-                let (mut want, mut got) = (y0.clone(), y0.clone());
-                scalar::strided_axpys_f16(&weights, &rows16, stride, &mut want);
-                strided_axpys_f16(level, &weights, &rows16, stride, &mut got);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (count.max(1) as f32), "{level} f16 axpys {width}/{stride}: {g} vs {w}");
-                }
-            }
         }
     }
 

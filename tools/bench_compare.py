@@ -18,7 +18,9 @@ Requirements: the release binary (`cargo build --release`) and llama-cpp-python 
 that runs this script (`pip install llama-cpp-python` builds llama.cpp from source).
 
 Usage: python tools/bench_compare.py [--types q4_1,q8_0,f16,f32] [--threads 2] [--rounds 5]
-                                     [--json FILE] [--markdown FILE]
+                                     [--context N] [--json FILE] [--markdown FILE]
+(--context N: decode is timed after N untimed context tokens, in both engines; each keeps its
+default cache, f16 entries in both.)
 """
 from __future__ import annotations
 
@@ -62,11 +64,12 @@ def ensure_file(binary: Path, ty: str) -> Path:
     return path
 
 
-def run_engram(binary: Path, ty: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+def run_engram(binary: Path, ty: str, threads: int, n_prompt: int, n_gen: int, context: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run(
             [str(binary), "bench", "-m", str(model_file(ty)), "--dtypes", "native", "--device", "cpu",
-             "--threads", str(threads), "--repeats", "1", "-p", str(n_prompt), "-n", str(n_gen), "--json", out.name],
+             "--threads", str(threads), "--repeats", "1", "-p", str(n_prompt), "-n", str(n_gen), "--context", str(context),
+             "--json", out.name],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         report = json.load(open(out.name))
     r = report["results"][0]
@@ -74,11 +77,11 @@ def run_engram(binary: Path, ty: str, threads: int, n_prompt: int, n_gen: int) -
             "floor": r["decode_floor_tokens_per_second"], "bandwidth_gbs": report["memory_bandwidth_bytes_per_second"] / 1e9}
 
 
-def run_llamacpp(ty: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+def run_llamacpp(ty: str, threads: int, n_prompt: int, n_gen: int, context: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run(
             [sys.executable, str(REPO / "tools/bench_llamacpp.py"), "--threads", str(threads), "--repeats", "1",
-             "--n-prompt", str(n_prompt), "--n-gen", str(n_gen), "--json", out.name, str(model_file(ty))],
+             "--n-prompt", str(n_prompt), "--n-gen", str(n_gen), "--context", str(context), "--json", out.name, str(model_file(ty))],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         report = json.load(open(out.name))
     r = report["results"][0]
@@ -92,6 +95,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--context", type=int, default=0,
+                    help="tokens in the context before decode is timed (both engines; prefilled untimed)")
     ap.add_argument("--engram", type=Path, default=REPO / "target/release/engram")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
@@ -112,9 +117,9 @@ def main() -> int:
             order = ["engram", "llama"] if r % 2 == 0 else ["llama", "engram"]
             for name in order:
                 if name == "engram":
-                    engram_rounds[ty].append(run_engram(args.engram, ty, args.threads, args.n_prompt, args.n_gen))
+                    engram_rounds[ty].append(run_engram(args.engram, ty, args.threads, args.n_prompt, args.n_gen, args.context))
                 else:
-                    llama_rounds[ty].append(run_llamacpp(ty, args.threads, args.n_prompt, args.n_gen))
+                    llama_rounds[ty].append(run_llamacpp(ty, args.threads, args.n_prompt, args.n_gen, args.context))
         loads.append(os.getloadavg()[0])
         print(f"round {r + 1}/{args.rounds} done (load {loads[-1]:.2f})", file=sys.stderr)
 
@@ -140,7 +145,7 @@ def main() -> int:
         lines.append(f"| {row['type'].upper()} | {pp['engram']:.1f} | {pp['llama_cpp']:.1f} | {pp['ratio_median']:.2f} "
                      f"| {tg['engram']:.1f} | {tg['llama_cpp']:.1f} | {tg['ratio_median']:.2f} | {row['decode_floor']:.1f} | {100 * tg['engram'] / row['decode_floor']:.0f}% |")
     version = llama_rounds[types[0]][0]["version"]
-    footer = (f"\n{args.rounds} rounds interleaved, medians; threads={args.threads}; streaming-read bandwidth {bandwidth:.1f} GB/s "
+    footer = (f"\n{args.rounds} rounds interleaved, medians; threads={args.threads}; decode after {args.context} context tokens; streaming-read bandwidth {bandwidth:.1f} GB/s "
               f"(measured by engram bench in each round); llama-cpp-python {version.get('llama_cpp_python')} "
               f"ggml {version.get('ggml_version')}; load average {min(loads):.2f}..{max(loads):.2f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     text = "\n".join(lines) + footer

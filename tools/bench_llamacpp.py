@@ -22,7 +22,8 @@ high-level wrapper work -- tokenization, sampling, logits copies -- is timed):
          llama_decode of a 512-token batch (pseudo-random token ids, positions 0..511, logits
          requested for the last token only, since llama_batch_get_one leaves batch.logits NULL)
          plus llama_synchronize.  tokens/s = 512 / elapsed.
-  tg128  decode: a fresh context per repeat, a short untimed prompt (16 tokens), then 128
+  tg128  decode: a fresh context per repeat, a short untimed prompt (16 tokens, or --context
+         tokens to measure decode at a long context), then 128
          single-token llama_decode + llama_synchronize calls, each with logits for its token;
          the timer covers the 128 calls (tokens are pseudo-random, no sampling, like
          llama-bench).  tokens/s = 128 / elapsed.
@@ -129,8 +130,9 @@ def make_types(llama_cpp, types: list[str], source: Path, threads: int) -> None:
 
 class Bench:
     def __init__(self, llama_cpp, path: Path, threads: int, n_prompt: int, n_gen: int,
-                 n_ctx: int, flash_attn: int, reuse_context: bool = False):
+                 n_ctx: int, flash_attn: int, reuse_context: bool = False, context: int = 0):
         self.L = llama_cpp
+        self.context = context
         self.reuse_context = reuse_context
         self._kept = None
         self.path = path
@@ -203,13 +205,17 @@ class Bench:
         finally:
             self._release(ctx)
 
-    def tg(self, n_gen: int | None = None, n_pre: int = 16) -> float:
-        """Seconds for n_gen single-token decodes after an untimed n_pre-token prompt."""
+    def tg(self, n_gen: int | None = None, n_pre: int | None = None) -> float:
+        """Seconds for n_gen single-token decodes after an untimed n_pre-token prompt (the
+        --context, else 16 tokens), fed in batches of 512."""
         L = self.L
         n_gen = self.n_gen if n_gen is None else n_gen
+        n_pre = (self.context or 16) if n_pre is None else n_pre
         ctx = self._ctx()
         try:
-            self._decode(ctx, self._tokens(n_pre, first=True), n_pre)
+            for start in range(0, n_pre, 512):
+                n = min(512, n_pre - start)
+                self._decode(ctx, self._tokens(n, first=start == 0), n)
             L.llama_synchronize(ctx)
             toks = [self._tokens(1, first=False) for _ in range(n_gen)]
             t0 = time.perf_counter()
@@ -252,6 +258,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--context", type=int, default=0,
+                    help="tokens already in the context when the decode measurement starts (untimed)")
     ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp flash attention (llama-bench's default is auto)")
     ap.add_argument("--reuse-context", action="store_true",
@@ -279,13 +287,13 @@ def main() -> int:
     if not files:
         sys.exit("no GGUF files to benchmark")
     fa = {"auto": -1, "on": 1, "off": 0}[args.flash_attn]
-    n_ctx = max(args.n_prompt, 16 + args.n_gen) + 64
+    n_ctx = max(args.n_prompt, max(args.context, 16) + args.n_gen) + 64
 
-    benches = [Bench(L, p, args.threads, args.n_prompt, args.n_gen, n_ctx, fa, args.reuse_context)
+    benches = [Bench(L, p, args.threads, args.n_prompt, args.n_gen, n_ctx, fa, args.reuse_context, args.context)
                for p in files]
     for b in benches:  # warm-up: page in weights, let the thread pool spin up
         b.pp()
-        b.tg(n_gen=8)
+        b.tg(n_gen=8, n_pre=16)
 
     times = {label_of(b.path): {"pp": [], "tg": []} for b in benches}
     load = [os.getloadavg()[0]]

@@ -129,9 +129,10 @@ fn a_closed_stdout_pipe_ends_the_command_quietly() {
 fn the_kv_cache_precision_is_chosen_on_the_command_line_and_checked() {
     let dir = tiny_model();
     for precision in ["f16", "f32"] {
-        let (stdout, _) = common::run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "Hello", "-n", "4", "--ignore-eos", "--json", "--device", "cpu", "--kv-cache", precision]));
+        let (stdout, stderr) = common::run_ok(engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "Hello", "-n", "4", "--ignore-eos", "--json", "--device", "cpu", "--kv-cache", precision]));
         let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         assert_eq!(v["generated_ids"].as_array().unwrap().len(), 4, "--kv-cache {precision}");
+        assert!(stderr.contains(&format!("{precision} KV cache")), "the status line names the cache: {stderr}");
     }
     let out = engram().args(["generate", "-m"]).arg(dir.path()).args(["-p", "Hello", "--kv-cache", "f8"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

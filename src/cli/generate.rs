@@ -191,13 +191,14 @@ fn generate_with<B: Backend>(args: GenerateArgs, specs: Vec<PromptSpec>, model: 
         }
     }
     eprintln!(
-        "prefill: {} tokens at {:.1} tok/s | decode: {} tokens at {:.1} tok/s | {} | {} weights",
+        "prefill: {} tokens at {:.1} tok/s | decode: {} tokens at {:.1} tok/s | {} | {} weights | {} KV cache",
         timing.prompt_tokens,
         timing.prefill_tokens_per_second(),
         timing.decode_tokens,
         timing.decode_tokens_per_second(),
         engram::backend::Backend::name(&model.backend),
         model.weights.dtype,
+        session.kv_precision(),
     );
     Ok(())
 }

@@ -376,7 +376,8 @@ fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64)
     }
     // Bytes a decode step reads: every weight matrix once, plus the KV cache at the mean context.
     let mean_context = args.context as f64 + (args.decode_tokens as f64 + 1.0) / 2.0;
-    let kv_precision = args.kv_cache.unwrap_or_else(|| models[0].backend.default_kv_precision());
+    // The backend's default is `--kv-cache` where given (CUDA refuses anything but f32).
+    let kv_precision = models[0].backend.default_kv_precision();
     let kv_bytes = mean_context * (config.num_hidden_layers * 2 * config.kv_dim() * kv_precision.bytes_per_value()) as f64 * args.batch as f64;
     println!(
         "engram bench: {} | {} | {kv_precision} KV cache | p={} n={} context={} batch={} repeats={}",

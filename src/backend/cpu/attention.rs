@@ -121,7 +121,6 @@ pub struct CpuKvStore {
     pub max_positions: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    pub precision: KvPrecision,
     pub keys: KvValues,
     pub values: KvValues,
 }
@@ -141,7 +140,7 @@ impl CpuKvStore {
         let len = len.ok_or_else(|| too_big("the size overflows".into()))?;
         let zeros = || KvValues::zeros(precision, len).map_err(|e| too_big(e.to_string()));
         let (keys, values) = (zeros()?, zeros()?);
-        Ok(CpuKvStore { layers, slots, max_positions, kv_heads, head_dim, precision, keys, values })
+        Ok(CpuKvStore { layers, slots, max_positions, kv_heads, head_dim, keys, values })
     }
 
     /// Positions each head has room for: `max_positions` in whole key blocks.
@@ -182,7 +181,7 @@ impl CpuKvStore {
         for block in 0..context.div_ceil(KEY_BLOCK) {
             let (first, take) = (block * KEY_BLOCK, (context - block * KEY_BLOCK).min(KEY_BLOCK));
             for d in 0..hd {
-                let at = (block * hd + d) * KEY_BLOCK;
+                let at = attention_simd::key_index(first, d, hd);
                 match blocks {
                     KvRows::F32(keys) => widened.copy_from_slice(&keys[at..at + KEY_BLOCK]),
                     KvRows::F16(keys) => simd::f16_to_f32(&keys[at..at + KEY_BLOCK], &mut widened),
@@ -369,17 +368,19 @@ fn attend_run(
     let slot = table.slots[begin] as usize;
     let first_pos = table.positions[begin] as usize;
     let context = first_pos + n;
+    // The gemms read f32 matrices: each KV head's key blocks are unpacked into Kᵀ and an f16
+    // cache's values widened, once for all the query heads that share it (a small cost beside
+    // the products: context·head_dim values against n·context·head_dim multiply-adds).
+    let kv_heads: Vec<(Vec<f32>, std::borrow::Cow<'_, [f32]>)> = (0..layout.kv_heads)
+        .into_par_iter()
+        .map(|g| (kv.keys_transposed(layer, slot, g, context), kv.head_rows(layer, slot, g, 0..context).1.to_f32()))
+        .collect();
     let heads: Vec<Vec<f32>> = (0..layout.heads)
         .into_par_iter()
         .map(|h| {
-            // The gemms read f32 matrices: the key blocks are unpacked into Kᵀ and an f16 cache's
-            // values widened, a small cost beside the products (context·head_dim values against
-            // n·context·head_dim multiply-adds).
-            let keys_t = kv.keys_transposed(layer, slot, h / group, context);
-            let (_, values) = kv.head_rows(layer, slot, h / group, 0..context);
-            let values = values.to_f32();
+            let (keys_t, values) = &kv_heads[h / group];
             let q = MatRef { data: &qkv[begin * width + h * hd..], rows: n, cols: hd, row_stride: width, col_stride: 1 };
-            let k_t = MatRef::dense(&keys_t, hd, context);
+            let k_t = MatRef::dense(keys_t, hd, context);
             let mut scores = vec![0.0f32; n * context];
             gemm_strided(1, q, k_t, &mut scores, context, false);
             for (i, row) in scores.chunks_mut(context).enumerate() {
@@ -391,7 +392,7 @@ fn attend_run(
                 row[visible..].fill(0.0);
             }
             let p = MatRef::dense(&scores, n, context);
-            let v = MatRef::dense(&values, context, hd);
+            let v = MatRef::dense(values, context, hd);
             let mut head_out = vec![0.0f32; n * hd];
             gemm_strided(1, p, v, &mut head_out, hd, false);
             head_out

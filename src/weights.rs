@@ -39,6 +39,20 @@ impl<B: Backend> ModelWeights<B> {
     }
 }
 
+/// Bytes of matrices a backend is given to place together (see `Backend::matrices`): large
+/// enough that the partial huge page at a group's end is a small share of it, small enough
+/// that the host copies waiting for their group stay a small share of a large model.
+const MATRIX_GROUP_BYTES: usize = 32 << 20;
+
+/// A layer's vectors, kept while its matrices wait for their group.
+struct LayerVectors<B: Backend> {
+    input_norm: B::Buffer,
+    qkv_bias: Option<B::Buffer>,
+    q_norm: Option<B::Buffer>,
+    k_norm: Option<B::Buffer>,
+    post_attention_norm: B::Buffer,
+}
+
 /// Loads `name` and checks its shape against what the config implies.
 fn load_checked(source: &dyn TensorSource, name: &str, expected: &[usize], dtype: DType) -> Result<HostTensor> {
     if !source.contains(name) {
@@ -102,14 +116,36 @@ impl<B: Backend> ModelWeights<B> {
             backend.upload(&values, &mut buffer)?;
             Ok(buffer)
         };
-        let matrix = |tensor: HostTensor| -> Result<(B::Matrix, usize)> {
-            let bytes = tensor.as_bytes().len();
-            Ok((backend.matrix(&tensor)?, bytes))
-        };
         let mut matrix_bytes = 0;
-        let (embed, bytes) = matrix(load_checked(source, "model.embed_tokens.weight", &[config.vocab_size, hidden], dtype)?)?;
-        matrix_bytes += bytes;
+        let mut matrices = |tensors: Vec<HostTensor>| -> Result<Vec<B::Matrix>> {
+            matrix_bytes += tensors.iter().map(|t| t.as_bytes().len()).sum::<usize>();
+            backend.matrices(&tensors)
+        };
+        let embed = matrices(vec![load_checked(source, "model.embed_tokens.weight", &[config.vocab_size, hidden], dtype)?])?.remove(0);
+        // Layers wait here until their matrices reach MATRIX_GROUP_BYTES, and the backend
+        // places each group's matrices together (see `Backend::matrices`).
+        let mut pending: Vec<(LayerVectors<B>, [HostTensor; 4])> = Vec::new();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut flush = |pending: &mut Vec<(LayerVectors<B>, [HostTensor; 4])>, layers: &mut Vec<LayerWeights<B>>| -> Result<()> {
+            let (vectors, tensors): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
+            let mut made = matrices(tensors.into_iter().flatten().collect())?.into_iter();
+            for v in vectors {
+                let mut next = || made.next().expect("four matrices per layer");
+                let (qkv, o_proj, gate_up, down) = (next(), next(), next(), next());
+                layers.push(LayerWeights {
+                    input_norm: v.input_norm,
+                    qkv,
+                    qkv_bias: v.qkv_bias,
+                    q_norm: v.q_norm,
+                    k_norm: v.k_norm,
+                    o_proj,
+                    post_attention_norm: v.post_attention_norm,
+                    gate_up,
+                    down,
+                });
+            }
+            Ok(())
+        };
         for i in 0..config.num_hidden_layers {
             progress(i, config.num_hidden_layers);
             let p = format!("model.layers.{i}");
@@ -139,31 +175,28 @@ impl<B: Backend> ModelWeights<B> {
                 load_checked(source, &format!("{p}.mlp.gate_proj.weight"), &[ffn, hidden], dtype)?,
                 load_checked(source, &format!("{p}.mlp.up_proj.weight"), &[ffn, hidden], dtype)?,
             ])?;
-            let (qkv, b1) = matrix(qkv)?;
-            let (o_proj, b2) = matrix(load_checked(source, &format!("{p}.self_attn.o_proj.weight"), &[hidden, q_dim], dtype)?)?;
-            let (gate_up, b3) = matrix(gate_up)?;
-            let (down, b4) = matrix(load_checked(source, &format!("{p}.mlp.down_proj.weight"), &[hidden, ffn], dtype)?)?;
-            matrix_bytes += b1 + b2 + b3 + b4;
-            layers.push(LayerWeights {
+            let o_proj = load_checked(source, &format!("{p}.self_attn.o_proj.weight"), &[hidden, q_dim], dtype)?;
+            let down = load_checked(source, &format!("{p}.mlp.down_proj.weight"), &[hidden, ffn], dtype)?;
+            let vectors = LayerVectors {
                 input_norm: vector(&format!("{p}.input_layernorm.weight"), hidden)?,
-                qkv,
                 qkv_bias,
                 q_norm,
                 k_norm,
-                o_proj,
                 post_attention_norm: vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
-                gate_up,
-                down,
-            });
+            };
+            pending.push((vectors, [qkv, o_proj, gate_up, down]));
+            let pending_bytes: usize = pending.iter().flat_map(|(_, t)| t).map(|t| t.as_bytes().len()).sum();
+            if pending_bytes >= MATRIX_GROUP_BYTES {
+                flush(&mut pending, &mut layers)?;
+            }
         }
+        flush(&mut pending, &mut layers)?;
         progress(config.num_hidden_layers, config.num_hidden_layers);
         let final_norm = vector("model.norm.weight", hidden)?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            let (m, bytes) = matrix(load_checked(source, "lm_head.weight", &[config.vocab_size, hidden], dtype)?)?;
-            matrix_bytes += bytes;
-            Some(m)
+            Some(matrices(vec![load_checked(source, "lm_head.weight", &[config.vocab_size, hidden], dtype)?])?.remove(0))
         };
         Ok(ModelWeights { embed, layers, final_norm, lm_head, matrix_bytes, dtype })
     }

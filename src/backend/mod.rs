@@ -103,6 +103,11 @@ pub trait Backend: Send + Sync {
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R;
 
     fn matrix(&self, tensor: &HostTensor) -> Result<Self::Matrix>;
+    /// [`Backend::matrix`] for each of `tensors`, placed together where that helps: the CPU
+    /// backend puts them in one huge-page mapping, as most matrices are smaller than a huge page.
+    fn matrices(&self, tensors: &[HostTensor]) -> Result<Vec<Self::Matrix>> {
+        tensors.iter().map(|tensor| self.matrix(tensor)).collect()
+    }
     /// `(out_features, in_features)`.
     fn matrix_shape(&self, matrix: &Self::Matrix) -> (usize, usize);
     fn buffer(&self, len: usize) -> Result<Self::Buffer>;

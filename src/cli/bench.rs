@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use engram::backend::cpu::buffer::ZeroedBuffer;
 use engram::backend::cpu::simd;
 use engram::backend::cpu::CpuBackend;
 use engram::backend::cuda::{CudaBackend, DeviceChoice};
@@ -262,8 +263,12 @@ fn measure_decode<B: Backend>(
 /// each the median of 5 passes over 1 GiB. One reads each task's chunk as one sequential stream;
 /// the other as four streams at once (its quarters, as the decode GEMV reads weight rows), which
 /// the hardware prefetchers serve faster on some machines. The floor is the best a read achieves.
-fn memory_bandwidth(backend: &CpuBackend) -> f64 {
-    let data = vec![1.0f32; 1 << 28];
+/// The data sits in huge pages, as the weights do: the floor is what the machine can stream,
+/// not what 4 KiB pages let through.
+fn memory_bandwidth(backend: &CpuBackend) -> Result<f64> {
+    let mut data = ZeroedBuffer::<f32>::new(1 << 28).context("allocating 1 GiB for the bandwidth reading")?;
+    // Written, not left zero: untouched anonymous memory reads as the one shared zero page.
+    data.fill(1.0);
     let level = backend.simd_level();
     let one_stream = |chunk: &[f32]| simd::sum_squares(level, chunk);
     let four_streams = |chunk: &[f32]| {
@@ -284,7 +289,7 @@ fn memory_bandwidth(backend: &CpuBackend) -> f64 {
         }
         summarize(rates).median
     };
-    reading(&one_stream).max(reading(&four_streams))
+    Ok(reading(&one_stream).max(reading(&four_streams)))
 }
 
 /// `none / condition − 1` per round: the extra time a condition costs (0.01 = 1% slower).
@@ -303,7 +308,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let args = model_args(dtype);
                 models.push(args.load_on(args.cpu_backend()?, dtype)?);
             }
-            let bandwidth = memory_bandwidth(&first);
+            let bandwidth = memory_bandwidth(&first)?;
             bench_on(&args, models, bandwidth)
         }
         super::Selected::Cuda(first) => {

@@ -10,7 +10,9 @@
 use rayon::prelude::*;
 
 use super::quant::{self, BlockMatrix, Q8Activations, QuantKernel, ROW_GROUP};
-use super::buffer::WeightBuffer;
+use super::buffer::{Placeable, WeightBuffer};
+use crate::error::{Error, Result};
+use crate::tensor::{HostTensor, TensorData};
 use super::simd::{self, SimdLevel};
 
 /// Row counts up to this go through the weight-streaming GEMV path.
@@ -35,6 +37,35 @@ pub struct CpuMatrix {
 }
 
 impl CpuMatrix {
+    /// The matrix of `tensor` with its values on the heap (the backend then moves the
+    /// matrices loaded together into one mapping, see [`super::buffer::share_mapping`]).
+    pub fn on_heap(tensor: &HostTensor) -> Result<CpuMatrix> {
+        let [rows, cols] = tensor.shape[..] else {
+            return Err(Error::Shape(format!("a weight matrix must be 2-D, got shape {:?}", tensor.shape)));
+        };
+        let data = match &tensor.data {
+            TensorData::F32(v) => WeightData::F32(WeightBuffer::from_vec(v.clone())),
+            TensorData::BF16(v) => WeightData::BF16(WeightBuffer::from_vec(bytemuck::cast_slice(v).to_vec())),
+            TensorData::F16(v) => WeightData::F16(WeightBuffer::from_vec(bytemuck::cast_slice(v).to_vec())),
+            TensorData::Quantized { ty, bytes } => {
+                let format = quant::BlockFormat::from_ggml(*ty)
+                    .ok_or_else(|| Error::Unsupported(format!("{ty} weight matrices on the CPU")))?;
+                // HostTensor::quantized checked that rows are whole blocks and the byte count.
+                WeightData::Quantized(BlockMatrix::pack(format, rows, cols, bytes))
+            }
+        };
+        Ok(CpuMatrix { rows, cols, data })
+    }
+
+    /// The buffers holding the values, for [`super::buffer::share_mapping`].
+    pub fn buffers_mut(&mut self) -> Vec<&mut dyn Placeable> {
+        match &mut self.data {
+            WeightData::F32(w) => vec![w],
+            WeightData::BF16(w) | WeightData::F16(w) => vec![w],
+            WeightData::Quantized(blocks) => blocks.buffers_mut().into(),
+        }
+    }
+
     /// Row `r` widened to f32 into `out`.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let range = r * self.cols..(r + 1) * self.cols;
@@ -79,6 +110,16 @@ impl CpuMatrix {
             WeightData::Quantized(_) => {
                 unreachable!("quantized rows go through their own gemv arm")
             }
+        }
+    }
+
+    /// Where the matrix's first buffer starts in memory (tests check placement with it).
+    #[cfg(test)]
+    fn first_byte_address(&self) -> usize {
+        match &self.data {
+            WeightData::F32(w) => w.as_ptr() as usize,
+            WeightData::BF16(w) | WeightData::F16(w) => w.as_ptr() as usize,
+            WeightData::Quantized(blocks) => blocks.first_byte_address(),
         }
     }
 
@@ -340,6 +381,40 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn matrices_placed_together_compute_what_each_alone_does() {
+        use crate::backend::Backend;
+        use crate::model::quant::{quantize, GgmlType};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let backend = super::super::CpuBackend::new(2, None).unwrap();
+        let (n, k) = (70usize, 96usize);
+        let values = |rng: &mut rand::rngs::StdRng| -> Vec<f32> { (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let tensors = vec![
+            HostTensor::from_f32(vec![n, k], values(&mut rng)).unwrap(),
+            HostTensor::from_f32(vec![n, k], values(&mut rng)).unwrap().to_dtype(crate::tensor::DType::F16).unwrap(),
+            HostTensor::quantized(vec![n, k], GgmlType::Q4_1, quantize(GgmlType::Q4_1, &values(&mut rng)).unwrap()).unwrap(),
+            HostTensor::quantized(vec![n, k], GgmlType::Q8_0, quantize(GgmlType::Q8_0, &values(&mut rng)).unwrap()).unwrap(),
+        ];
+        let together = backend.matrices(&tensors).unwrap();
+        let x: Vec<f32> = (0..3 * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        for (tensor, placed) in tensors.iter().zip(&together) {
+            let alone = CpuMatrix::on_heap(tensor).unwrap();
+            for rows in [1usize, 3] {
+                let (mut want, mut got) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+                backend.run(|| {
+                    matmul(backend.simd_level(), 2, &x, rows, &alone, &mut want);
+                    matmul(backend.simd_level(), 2, &x, rows, placed, &mut got);
+                });
+                assert_eq!(got, want, "{:?} rows={rows}", tensor.dtype());
+            }
+        }
+        // All four share one mapping: each starts where the one before it ends, on a cache line.
+        let starts: Vec<usize> = together.iter().map(|m| m.first_byte_address()).collect();
+        for (pair, m) in starts.windows(2).zip(&together) {
+            assert!(pair[1] > pair[0] && pair[1] - pair[0] <= m.size_in_bytes() + 4 * 64, "{starts:?}");
         }
     }
 

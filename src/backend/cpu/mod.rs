@@ -12,12 +12,12 @@ pub mod warm;
 use rayon::prelude::*;
 
 use self::attention::CpuKvStore;
-use self::matmul::{CpuMatrix, WeightData};
+use self::matmul::CpuMatrix;
 use self::simd::SimdLevel;
 use super::{AttentionLayout, Backend, FusedArgs, KvPrecision, RowTable};
 use crate::steer::tables::{RowTerm, TermMode, NO_DIRECTION};
 use crate::error::{Error, Result};
-use crate::tensor::{HostTensor, TensorData};
+use crate::tensor::HostTensor;
 
 /// Rows per parallel task in row-wise element operations (norms, residual step).
 const ROWS_PER_TASK: usize = 16;
@@ -62,12 +62,6 @@ impl CpuBackend {
     pub fn simd_level(&self) -> SimdLevel {
         self.level
     }
-}
-
-/// `values` copied into weight storage; a failed mapping (out of memory) names the size asked for.
-fn weight_buffer<T: bytemuck::Pod>(values: &[T]) -> Result<buffer::WeightBuffer<T>> {
-    buffer::WeightBuffer::copy_of(values)
-        .map_err(|e| Error::InvalidInput(format!("cannot allocate {} bytes of weight memory: {e}", std::mem::size_of_val(values))))
 }
 
 fn rms_scale(level: SimdLevel, row: &[f32], eps: f32) -> f32 {
@@ -127,21 +121,16 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, tensor: &HostTensor) -> Result<CpuMatrix> {
-        let [rows, cols] = tensor.shape[..] else {
-            return Err(Error::Shape(format!("a weight matrix must be 2-D, got shape {:?}", tensor.shape)));
-        };
-        let data = match &tensor.data {
-            TensorData::F32(v) => WeightData::F32(weight_buffer(v)?),
-            TensorData::BF16(v) => WeightData::BF16(weight_buffer(bytemuck::cast_slice(v))?),
-            TensorData::F16(v) => WeightData::F16(weight_buffer(bytemuck::cast_slice(v))?),
-            TensorData::Quantized { ty, bytes } => {
-                let format = quant::BlockFormat::from_ggml(*ty)
-                    .ok_or_else(|| Error::Unsupported(format!("{ty} weight matrices on the CPU")))?;
-                // HostTensor::quantized checked that rows are whole blocks and the byte count.
-                WeightData::Quantized(quant::BlockMatrix::pack(format, rows, cols, bytes))
-            }
-        };
-        Ok(CpuMatrix { rows, cols, data })
+        let mut matrices = self.matrices(std::slice::from_ref(tensor))?;
+        Ok(matrices.pop().expect("one matrix per tensor"))
+    }
+
+    fn matrices(&self, tensors: &[HostTensor]) -> Result<Vec<CpuMatrix>> {
+        let mut matrices = tensors.iter().map(CpuMatrix::on_heap).collect::<Result<Vec<_>>>()?;
+        let bytes: usize = matrices.iter().map(CpuMatrix::size_in_bytes).sum();
+        let mut buffers: Vec<&mut dyn buffer::Placeable> = matrices.iter_mut().flat_map(CpuMatrix::buffers_mut).collect();
+        buffer::share_mapping(&mut buffers).map_err(|e| Error::InvalidInput(format!("cannot allocate {bytes} bytes of weight memory: {e}")))?;
+        Ok(matrices)
     }
 
     fn matrix_shape(&self, matrix: &CpuMatrix) -> (usize, usize) {

@@ -60,6 +60,7 @@ use crate::model::quant::{
 };
 
 use super::simd::SimdLevel;
+use super::buffer::{Placeable, WeightBuffer};
 
 /// The block layouts engram computes on directly.
 #[allow(non_camel_case_types)]
@@ -166,15 +167,15 @@ pub struct BlockMatrix {
     /// 32-element blocks per row.
     blocks: usize,
     /// f16 bits: `[group][block][16]`, or for the K types `d` as `[group][super-block][16]`.
-    scales: Vec<u16>,
+    scales: WeightBuffer<u16>,
     /// f16 bits: Q4_1 minimums `[group][block][16]`, Q4_K `dmin` `[group][super-block][16]`;
     /// empty for the other formats.
-    minimums: Vec<u16>,
+    minimums: WeightBuffer<u16>,
     /// K types, `[group][block][32]`: Q4_K's 16 scales `sc` then 16 minimums `m` (6-bit values
     /// in bytes), Q6_K's 16 signed scales of the block's first 16 elements then its last 16.
-    sub_scales: Vec<u8>,
+    sub_scales: WeightBuffer<u8>,
     /// `[group][block]` units of `format.group_block_bytes()`.
-    quants: Vec<u8>,
+    quants: WeightBuffer<u8>,
 }
 
 /// Index of byte `j` (0..16) of a row's nibble bytes within a packed unit: vector `j / 4`,
@@ -233,7 +234,7 @@ impl BlockMatrix {
                 }
             }
         }
-        BlockMatrix { format, rows, cols, blocks, scales, minimums, sub_scales: Vec::new(), quants }
+        BlockMatrix::from_parts(format, rows, cols, blocks, [scales, minimums], [Vec::new(), quants])
     }
 
     /// [`BlockMatrix::pack`] for Q4_K and Q6_K super-blocks.
@@ -285,7 +286,7 @@ impl BlockMatrix {
                 _ => scales[at] = u16::from_le_bytes([block[208], block[209]]),
             }
         }
-        BlockMatrix { format, rows, cols, blocks, scales, minimums, sub_scales, quants }
+        BlockMatrix::from_parts(format, rows, cols, blocks, [scales, minimums], [sub_scales, quants])
     }
 
     /// Row groups (the last may be partly padding).
@@ -410,6 +411,30 @@ impl BlockMatrix {
 
     pub fn size_in_bytes(&self) -> usize {
         2 * (self.scales.len() + self.minimums.len()) + self.sub_scales.len() + self.quants.len()
+    }
+
+    fn from_parts(format: BlockFormat, rows: usize, cols: usize, blocks: usize, [scales, minimums]: [Vec<u16>; 2], [sub_scales, quants]: [Vec<u8>; 2]) -> BlockMatrix {
+        BlockMatrix {
+            format,
+            rows,
+            cols,
+            blocks,
+            scales: WeightBuffer::from_vec(scales),
+            minimums: WeightBuffer::from_vec(minimums),
+            sub_scales: WeightBuffer::from_vec(sub_scales),
+            quants: WeightBuffer::from_vec(quants),
+        }
+    }
+
+    /// Where the first of [`BlockMatrix::buffers_mut`] starts in memory.
+    #[cfg(test)]
+    pub fn first_byte_address(&self) -> usize {
+        self.quants.as_ptr() as usize
+    }
+
+    /// The buffers behind the matrix, for [`super::buffer::share_mapping`].
+    pub fn buffers_mut(&mut self) -> [&mut dyn Placeable; 4] {
+        [&mut self.quants, &mut self.scales, &mut self.minimums, &mut self.sub_scales]
     }
 }
 

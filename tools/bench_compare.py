@@ -7,8 +7,8 @@ to back, alternating which engine goes first, so drifting load on a shared machi
 alike. The figure is the median over rounds; the ratio is engram / llama.cpp, taken round by round.
 
 Files: models/SmolLM2-135M-Instruct.<TYPE>.gguf. The Q4_1 file is the shipped model; the others
-are made from it when missing (both engines then read the same bytes): q8_0, q4_0, f16, f32
-with `engram quantize`; the llama.cpp mixes q4_k_m, q6_k and q5_0 with llama.cpp's own
+are made from it when missing (both engines then read the same bytes): q8_0, q4_0, f16, bf16,
+f32 with `engram quantize`; the llama.cpp mixes q4_k_m, q6_k and q5_0 with llama.cpp's own
 quantizer (llama-cpp-python's `llama_model_quantize`) from the F32 file, as users make them.
 SmolLM2-135M's rows of 576 are not whole 256-element super-blocks, so llama.cpp stores those
 matrices of a K file in its fallback types (Q5_0 for Q4_K, Q8_0 for Q6_K): only ffn_down (rows

@@ -119,7 +119,7 @@ impl<B: Backend> ModelWeights<B> {
         let mut matrix_bytes = 0;
         let mut matrices = |tensors: Vec<HostTensor>| -> Result<Vec<B::Matrix>> {
             matrix_bytes += tensors.iter().map(|t| t.as_bytes().len()).sum::<usize>();
-            backend.matrices(&tensors)
+            backend.matrices(tensors)
         };
         let embed = matrices(vec![load_checked(source, "model.embed_tokens.weight", &[config.vocab_size, hidden], dtype)?])?.remove(0);
         // Layers wait here until their matrices reach MATRIX_GROUP_BYTES, and the backend

@@ -105,7 +105,9 @@ pub trait Backend: Send + Sync {
     fn matrix(&self, tensor: &HostTensor) -> Result<Self::Matrix>;
     /// [`Backend::matrix`] for each of `tensors`, placed together where that helps: the CPU
     /// backend puts them in one huge-page mapping, as most matrices are smaller than a huge page.
-    fn matrices(&self, tensors: &[HostTensor]) -> Result<Vec<Self::Matrix>> {
+    /// They are taken by value, so that a backend keeping them in host memory can take their
+    /// values over instead of copying them.
+    fn matrices(&self, tensors: Vec<HostTensor>) -> Result<Vec<Self::Matrix>> {
         tensors.iter().map(|tensor| self.matrix(tensor)).collect()
     }
     /// `(out_features, in_features)`.

@@ -37,21 +37,22 @@ pub struct CpuMatrix {
 }
 
 impl CpuMatrix {
-    /// The matrix of `tensor` with its values on the heap (the backend then moves the
-    /// matrices loaded together into one mapping, see [`super::buffer::share_mapping`]).
-    pub fn on_heap(tensor: &HostTensor) -> Result<CpuMatrix> {
+    /// The matrix of `tensor`, its values still on the heap: float values are taken over, not
+    /// copied, since the backend then copies the matrices loaded together into one mapping
+    /// (see [`super::buffer::share_mapping`]).
+    pub fn on_heap(tensor: HostTensor) -> Result<CpuMatrix> {
         let [rows, cols] = tensor.shape[..] else {
             return Err(Error::Shape(format!("a weight matrix must be 2-D, got shape {:?}", tensor.shape)));
         };
-        let data = match &tensor.data {
-            TensorData::F32(v) => WeightData::F32(WeightBuffer::from_vec(v.clone())),
-            TensorData::BF16(v) => WeightData::BF16(WeightBuffer::from_vec(bytemuck::cast_slice(v).to_vec())),
-            TensorData::F16(v) => WeightData::F16(WeightBuffer::from_vec(bytemuck::cast_slice(v).to_vec())),
+        let data = match tensor.data {
+            TensorData::F32(v) => WeightData::F32(WeightBuffer::from_vec(v)),
+            TensorData::BF16(v) => WeightData::BF16(WeightBuffer::from_vec(bytemuck::allocation::cast_vec(v))),
+            TensorData::F16(v) => WeightData::F16(WeightBuffer::from_vec(bytemuck::allocation::cast_vec(v))),
             TensorData::Quantized { ty, bytes } => {
-                let format = quant::BlockFormat::from_ggml(*ty)
+                let format = quant::BlockFormat::from_ggml(ty)
                     .ok_or_else(|| Error::Unsupported(format!("{ty} weight matrices on the CPU")))?;
                 // HostTensor::quantized checked that rows are whole blocks and the byte count.
-                WeightData::Quantized(BlockMatrix::pack(format, rows, cols, bytes))
+                WeightData::Quantized(BlockMatrix::pack(format, rows, cols, &bytes))
             }
         };
         Ok(CpuMatrix { rows, cols, data })
@@ -412,10 +413,10 @@ mod tests {
             HostTensor::quantized(vec![n, k], GgmlType::Q4_1, quantize(GgmlType::Q4_1, &values(&mut rng)).unwrap()).unwrap(),
             HostTensor::quantized(vec![n, k], GgmlType::Q8_0, quantize(GgmlType::Q8_0, &values(&mut rng)).unwrap()).unwrap(),
         ];
-        let together = backend.matrices(&tensors).unwrap();
+        let together = backend.matrices(tensors.clone()).unwrap();
         let x: Vec<f32> = (0..3 * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         for (tensor, placed) in tensors.iter().zip(&together) {
-            let alone = CpuMatrix::on_heap(tensor).unwrap();
+            let alone = CpuMatrix::on_heap(tensor.clone()).unwrap();
             for rows in [1usize, 3] {
                 let (mut want, mut got) = (vec![0.0; rows * n], vec![0.0; rows * n]);
                 backend.run(|| {

@@ -121,12 +121,12 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, tensor: &HostTensor) -> Result<CpuMatrix> {
-        let mut matrices = self.matrices(std::slice::from_ref(tensor))?;
+        let mut matrices = self.matrices(vec![tensor.clone()])?;
         Ok(matrices.pop().expect("one matrix per tensor"))
     }
 
-    fn matrices(&self, tensors: &[HostTensor]) -> Result<Vec<CpuMatrix>> {
-        let mut matrices = tensors.iter().map(CpuMatrix::on_heap).collect::<Result<Vec<_>>>()?;
+    fn matrices(&self, tensors: Vec<HostTensor>) -> Result<Vec<CpuMatrix>> {
+        let mut matrices = tensors.into_iter().map(CpuMatrix::on_heap).collect::<Result<Vec<_>>>()?;
         let bytes: usize = matrices.iter().map(CpuMatrix::size_in_bytes).sum();
         let mut buffers: Vec<&mut dyn buffer::Placeable> = matrices.iter_mut().flat_map(CpuMatrix::buffers_mut).collect();
         buffer::share_mapping(&mut buffers).map_err(|e| Error::InvalidInput(format!("cannot allocate {bytes} bytes of weight memory: {e}")))?;

@@ -128,7 +128,7 @@ pub struct CpuKvStore {
 impl CpuKvStore {
     /// A failed mapping (a context the machine cannot hold) is an error naming the size.
     pub fn new(layers: usize, slots: usize, max_positions: usize, layout: AttentionLayout, precision: KvPrecision) -> crate::error::Result<Self> {
-        let padded = max_positions.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        let padded = attention_simd::whole_blocks(max_positions);
         let len = [layers, slots, padded, layout.kv_dim()].iter().try_fold(1usize, |n, &f| n.checked_mul(f));
         let (kv_heads, head_dim) = (layout.kv_heads, layout.head_dim);
         let too_big = |reason: String| {
@@ -145,7 +145,7 @@ impl CpuKvStore {
 
     /// Positions each head has room for: `max_positions` in whole key blocks.
     fn padded_positions(&self) -> usize {
-        self.max_positions.div_ceil(KEY_BLOCK) * KEY_BLOCK
+        attention_simd::whole_blocks(self.max_positions)
     }
 
     /// Where KV head `head`'s value row for `position` starts (and, for a position at a block
@@ -160,7 +160,7 @@ impl CpuKvStore {
         debug_assert!(positions.start % KEY_BLOCK == 0, "key spans start at a block boundary");
         let first = self.offset(layer, slot, head, 0);
         let hd = self.head_dim;
-        let keys = first + positions.start * hd..first + positions.end.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd;
+        let keys = first + positions.start * hd..first + attention_simd::whole_blocks(positions.end) * hd;
         (self.keys.rows(keys), self.values.rows(first + positions.start * hd..first + positions.end * hd))
     }
 
@@ -200,7 +200,7 @@ impl CpuKvStore {
         }
         // Keys go in whole blocks: the positions past `positions` in the last one come along and
         // are overwritten before the target slot ever reads them.
-        let (key_len, value_len) = (positions.div_ceil(KEY_BLOCK) * KEY_BLOCK * self.head_dim, positions * self.head_dim);
+        let (key_len, value_len) = (attention_simd::whole_blocks(positions) * self.head_dim, positions * self.head_dim);
         for layer in 0..self.layers {
             for head in 0..self.kv_heads {
                 let (src, dst) = (self.offset(layer, from, head, 0), self.offset(layer, to, head, 0));
@@ -290,7 +290,7 @@ fn attend_rows(
     for r in 0..rows {
         let positions = table.positions[begin + r] as usize + 1;
         let splits = target_tasks.div_ceil(rows * layout.kv_heads).min(positions.div_ceil(SPLIT_MIN_POSITIONS)).max(1);
-        let span = positions.div_ceil(splits).div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        let span = attention_simd::whole_blocks(positions.div_ceil(splits));
         for g in 0..layout.kv_heads {
             for start in (0..positions).step_by(span) {
                 tasks.push((r, g, start, (start + span).min(positions)));

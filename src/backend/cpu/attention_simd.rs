@@ -13,6 +13,12 @@ use super::simd::SimdLevel;
 /// Positions per key block (the lanes of one AVX-512 vector).
 pub const KEY_BLOCK: usize = 16;
 
+/// `positions` rounded up to whole key blocks: the room keys take (a partial block is stored
+/// whole, its unused positions never scored).
+pub fn whole_blocks(positions: usize) -> usize {
+    positions.div_ceil(KEY_BLOCK) * KEY_BLOCK
+}
+
 /// Where key `(position, d)` lies in a run of key blocks that starts at a block boundary.
 pub fn key_index(position: usize, d: usize, head_dim: usize) -> usize {
     (position / KEY_BLOCK) * KEY_BLOCK * head_dim + d * KEY_BLOCK + position % KEY_BLOCK
@@ -69,7 +75,7 @@ fn check_scores(queries: usize, head_dim: usize, keys: usize, out: usize) {
     let heads = queries / head_dim;
     assert!(out % heads == 0, "scores must be [heads][positions]");
     let count = out / heads;
-    assert!(count.div_ceil(KEY_BLOCK) * KEY_BLOCK * head_dim <= keys, "key blocks exceed their slice");
+    assert!(whole_blocks(count) * head_dim <= keys, "key blocks exceed their slice");
 }
 
 fn check_values(weights: usize, values: usize, head_dim: usize, y: usize) {
@@ -433,7 +439,7 @@ mod tests {
     /// Keys of `count` positions in the blocked layout (the padding of the last block random
     /// too, so a kernel that let it into a score would be caught).
     fn blocked_keys(rng: &mut impl Rng, count: usize, hd: usize) -> Vec<f32> {
-        (0..count.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+        (0..whole_blocks(count) * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect()
     }
 
     fn close(got: &[f32], want: &[f32], scale: f32, what: &str) {

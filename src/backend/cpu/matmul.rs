@@ -87,16 +87,12 @@ impl CpuMatrix {
         let row = |r: usize| (first + r) * k..(first + r + 1) * k;
         // The first lines of the four streams, which the kernels' prefetches (a fixed distance
         // ahead of each load) never ask for: all in flight at once instead of missed in turn.
-        #[cfg(target_arch = "x86_64")]
         if quarter > 0 {
-            let start = |q: usize| row(q * quarter).start;
-            let lead = |len: usize| (simd::PREFETCH_BYTES / len).min(quarter * k);
-            for q in 0..4 {
-                match &self.data {
-                    WeightData::F32(w) => simd::prefetch(&w[start(q)..start(q) + lead(4)]),
-                    WeightData::F16(w) | WeightData::BF16(w) => simd::prefetch(&w[start(q)..start(q) + lead(2)]),
-                    WeightData::Quantized(_) => {}
-                }
+            let streams = |values_per_lead: usize| (0..4).map(move |q| row(q * quarter).start..row(q * quarter).start + values_per_lead.min(quarter * k));
+            match &self.data {
+                WeightData::F32(w) => streams(simd::PREFETCH_BYTES / 4).for_each(|s| simd::prefetch(&w[s])),
+                WeightData::F16(w) | WeightData::BF16(w) => streams(simd::PREFETCH_BYTES / 2).for_each(|s| simd::prefetch(&w[s])),
+                WeightData::Quantized(_) => {}
             }
         }
         for j in 0..quarter {

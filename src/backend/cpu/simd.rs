@@ -230,9 +230,11 @@ pub fn sum_squares(level: SimdLevel, x: &[f32]) -> f32 {
     dot_f32(level, x, x)
 }
 
-/// How far ahead of each weight stream the dot kernels prefetch.
-#[cfg(target_arch = "x86_64")]
-pub const PREFETCH_BYTES: usize = x86::PREFETCH_BYTES;
+/// How far ahead of each row stream `dot4_*` asks for the next cache lines. The L2 streamer
+/// alone left two-thread F16 decode at ~80% of the bandwidth floor (it restarts at every 4 KiB
+/// page and ramps up on each of the short runs a product splits into); a prefetch 2 KiB ahead
+/// per stream brought it to ~95% (1.5-4 KiB measured alike, 512 B less).
+pub const PREFETCH_BYTES: usize = 2048;
 
 /// Asks for the cache lines of `values` ahead of their use, into L1 (a hint: it never
 /// faults and changes no value; nothing on other architectures). For the start of a stream,
@@ -358,11 +360,7 @@ mod x86 {
         }
     }
 
-    /// How far ahead of each row stream `dot4_*` asks for the next cache lines. The L2
-    /// streamer alone left two-thread F16 decode at ~80% of the bandwidth floor (it restarts at
-    /// every 4 KiB page and ramps up on each of the short runs a product splits into); a
-    /// prefetch 2 KiB ahead per stream brought it to ~95% (1.5-4 KiB measured alike, 512 B less).
-    pub(super) const PREFETCH_BYTES: usize = 2048;
+    use super::PREFETCH_BYTES;
 
     /// Four rows against one input: one accumulator per row (four independent FMA chains).
     macro_rules! dot4_avx512 {

@@ -1,5 +1,5 @@
 //! Criterion benches of the CPU kernels: each SIMD level of the dot products, the SiLU gate and
-//! the decode attention kernels, each kernel of the
+//! the decode attention kernels (hot, and a whole decode row's attention over a cold cache), each kernel of the
 //! block-quantized products (one activation row, four at once), and the matmul paths (GEMV for
 //! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized.
 
@@ -9,6 +9,7 @@ use engram::backend::cpu::matmul::{matmul, CpuMatrix, WeightData};
 use engram::backend::cpu::quant::{self, BlockFormat, BlockMatrix, Q8Activations, QuantKernel, ROWS_AT_ONCE};
 use engram::backend::cpu::simd::{self, SimdLevel};
 use engram::backend::cpu::attention_simd;
+use rayon::prelude::*;
 
 fn random(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 1000.0 - 1.0).collect()
@@ -58,6 +59,54 @@ fn attention_kernels(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("values", level), &level, |bench, &l| bench.iter(|| attention_simd::group_values(l, &weights, &values, head_dim, &mut sums)));
         group.bench_with_input(BenchmarkId::new("scores_f16", level), &level, |bench, &l| bench.iter(|| attention_simd::group_scores_f16(l, &queries, head_dim, &keys16, &mut scores)));
         group.bench_with_input(BenchmarkId::new("values_f16", level), &level, |bench, &l| bench.iter(|| attention_simd::group_values_f16(l, &weights, &values16, head_dim, &mut sums)));
+    }
+    group.finish();
+}
+
+/// One decode row's whole attention (the tasks over spans of positions, their merge) at
+/// SmolLM2-135M's shape (9 query heads, 3 KV heads of 64) on two threads, with the cache cold
+/// as in decode: each iteration takes the next of 30 layers' caches and first reads the 9 MB of
+/// "weights" a layer streams between two attentions (untimed), so that the entries come from
+/// memory, not from a cache level.
+fn attention_decode_cold(c: &mut Criterion) {
+    use engram::backend::cpu::attention::{attention, CpuKvStore, KvValues};
+    use engram::backend::{AttentionLayout, KvPrecision, RowTable};
+    let layout = AttentionLayout { heads: 9, kv_heads: 3, head_dim: 64 };
+    let (layers, level) = (30, SimdLevel::detect());
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let others = random(270_000_000 / 4, 11);
+    let qkv = random(layout.qkv_dim(), 12);
+    let mut out = vec![0.0f32; layout.q_dim()];
+    let mut group = c.benchmark_group("attention_decode_cold");
+    group.sample_size(30);
+    for (precision, positions) in [(KvPrecision::F16, 4000usize), (KvPrecision::F16, 1000), (KvPrecision::F32, 4000)] {
+        let mut kv = CpuKvStore::new(layers, 1, positions + 1, layout, precision).unwrap();
+        // Random entries everywhere (a cache never written reads the shared zero page).
+        let entry = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) % 2000) as f32 / 1000.0 - 1.0;
+        for values in [&mut kv.keys, &mut kv.values] {
+            match values {
+                KvValues::F32(v) => v.iter_mut().enumerate().for_each(|(i, x)| *x = entry(i)),
+                KvValues::F16(v) => v.iter_mut().enumerate().for_each(|(i, x)| *x = half::f16::from_f32(entry(i)).to_bits()),
+            }
+        }
+        let position = [positions as u32];
+        let table = RowTable { slots: &[0], positions: &position };
+        group.throughput(Throughput::Bytes((2 * positions * layout.kv_dim() * precision.bytes_per_value()) as u64));
+        let mut layer = 0;
+        group.bench_function(BenchmarkId::new(format!("{precision}"), positions), |bench| {
+            bench.iter_custom(|iterations| {
+                let mut spent = std::time::Duration::ZERO;
+                for _ in 0..iterations {
+                    layer = (layer + 1) % layers;
+                    let slice = &others[layer * others.len() / layers..(layer + 1) * others.len() / layers];
+                    std::hint::black_box(pool.install(|| slice.par_chunks(1 << 16).map(|c| c.iter().fold(0.0f32, |a, &b| a.max(b))).reduce(|| 0.0, f32::max)));
+                    let start = std::time::Instant::now();
+                    pool.install(|| attention(level, &qkv, 1, layout, &mut kv, layer, table, &mut out));
+                    spent += start.elapsed();
+                }
+                spent
+            })
+        });
     }
     group.finish();
 }
@@ -140,5 +189,5 @@ fn matmuls(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, dot_products, silu_gate, attention_kernels, quantized_products, matmuls);
+criterion_group!(benches, dot_products, silu_gate, attention_kernels, attention_decode_cold, quantized_products, matmuls);
 criterion_main!(benches);

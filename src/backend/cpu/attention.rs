@@ -303,7 +303,9 @@ fn attend_rows(
         .par_iter()
         .map(|&(r, g, start, end)| {
             let slot = table.slots[begin + r] as usize;
-            let (keys, values) = kv.head_rows(layer, slot, g, start..end);
+            // The rows run on to the head's last position: the kernels prefetch past the span
+            // into them (the next span, often this thread's next task), never beyond.
+            let (keys, values) = kv.head_rows(layer, slot, g, start..table.positions[begin + r] as usize + 1);
             let n = end - start;
             let queries = &qkv[(begin + r) * width + g * group * hd..][..group * hd];
             let mut scores = vec![0.0f32; group * n];

@@ -90,8 +90,8 @@ impl CpuMatrix {
         if quarter > 0 {
             let streams = |values_per_lead: usize| (0..4).map(move |q| row(q * quarter).start..row(q * quarter).start + values_per_lead.min(quarter * k));
             match &self.data {
-                WeightData::F32(w) => streams(simd::PREFETCH_BYTES / 4).for_each(|s| simd::prefetch(&w[s])),
-                WeightData::F16(w) | WeightData::BF16(w) => streams(simd::PREFETCH_BYTES / 2).for_each(|s| simd::prefetch(&w[s])),
+                WeightData::F32(w) => streams(simd::STREAM_START_BYTES / 4).for_each(|s| simd::prefetch(&w[s])),
+                WeightData::F16(w) | WeightData::BF16(w) => streams(simd::STREAM_START_BYTES / 2).for_each(|s| simd::prefetch(&w[s])),
                 WeightData::Quantized(_) => {}
             }
         }

@@ -230,11 +230,19 @@ pub fn sum_squares(level: SimdLevel, x: &[f32]) -> f32 {
     dot_f32(level, x, x)
 }
 
-/// How far ahead of each row stream `dot4_*` asks for the next cache lines. The L2 streamer
-/// alone left two-thread F16 decode at ~80% of the bandwidth floor (it restarts at every 4 KiB
-/// page and ramps up on each of the short runs a product splits into); a prefetch 2 KiB ahead
-/// per stream brought it to ~95% (1.5-4 KiB measured alike, 512 B less).
-pub const PREFETCH_BYTES: usize = 2048;
+/// How far ahead of each row stream `dot4_*` asks for the next cache lines: into L1 a little
+/// ahead, and into L2 further ahead. The L2 streamer alone left two-thread F16 decode at ~80%
+/// of the bandwidth floor (it restarts at every 4 KiB page and ramps up on each of the short
+/// runs a product splits into); a prefetch 2 KiB ahead into L1 brought it to ~95%. Each such
+/// prefetch holds an L1 fill buffer for a whole memory latency, though, which caps the lines in
+/// flight: asking L2 for the lines 8 KiB ahead as well took 0.91-0.94x the F32 decode step and
+/// 0.97-1.0x the F16 one (in-process A/B alternating per token; 4 and 16 KiB measured alike).
+pub const NEAR_PREFETCH_BYTES: usize = 1024;
+pub const FAR_PREFETCH_BYTES: usize = 8192;
+
+/// How much of each stream's start `dot_rows` prefetches before the first dot: the kernels'
+/// own prefetches, a fixed distance ahead of each load, never ask for it.
+pub const STREAM_START_BYTES: usize = 2048;
 
 /// Asks for the cache lines of `values` ahead of their use, into L1 (a hint: it never
 /// faults and changes no value; nothing on other architectures). For the start of a stream,
@@ -360,7 +368,7 @@ mod x86 {
         }
     }
 
-    use super::PREFETCH_BYTES;
+    use super::{FAR_PREFETCH_BYTES, NEAR_PREFETCH_BYTES};
 
     /// Four rows against one input: one accumulator per row (four independent FMA chains).
     macro_rules! dot4_avx512 {
@@ -371,14 +379,16 @@ mod x86 {
                 let (pw, px) = (rows.map(|row| row.as_ptr()), x.as_ptr());
                 let mut acc = [_mm512_setzero_ps(); 4];
                 let mut i = 0;
-                let (ahead, per_line) = (PREFETCH_BYTES / size_of::<$t>(), 64 / size_of::<$t>());
+                let per_line = 64 / size_of::<$t>();
                 while i + 16 <= k {
                     let xv = _mm512_loadu_ps(px.add(i));
                     for (r, acc_r) in acc.iter_mut().enumerate() {
                         // Once per cache line. A prefetch is a hint and never faults; past the
                         // row it reaches the stream's next rows (wrapping_add: no pointer UB).
                         if i % per_line == 0 {
-                            _mm_prefetch::<_MM_HINT_T0>(pw[r].wrapping_add(i + ahead) as *const i8);
+                            let line = pw[r].wrapping_add(i) as *const i8;
+                            _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(NEAR_PREFETCH_BYTES));
+                            _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(FAR_PREFETCH_BYTES));
                         }
                         *acc_r = _mm512_fmadd_ps($load(pw[r].add(i)), xv, *acc_r);
                     }

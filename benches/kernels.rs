@@ -1,6 +1,6 @@
 //! Criterion benches of the CPU kernels: each SIMD level of the dot products, the SiLU gate and
-//! the decode attention kernels (hot, and a whole decode row's attention over a cold cache), each kernel of the
-//! block-quantized products (one activation row, four at once), and the matmul paths (GEMV for
+//! the decode attention kernels (hot, and a whole decode row's attention over a cold cache),
+//! each kernel of the block-quantized products (one activation row, four at once), and the matmul paths (GEMV for
 //! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -82,11 +82,16 @@ fn attention_decode_cold(c: &mut Criterion) {
     for (precision, positions) in [(KvPrecision::F16, 4000usize), (KvPrecision::F16, 1000), (KvPrecision::F32, 4000)] {
         let mut kv = CpuKvStore::new(layers, 1, positions + 1, layout, precision).unwrap();
         // Random entries everywhere (a cache never written reads the shared zero page).
-        let entry = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) % 2000) as f32 / 1000.0 - 1.0;
-        for values in [&mut kv.keys, &mut kv.values] {
+        for (values, seed) in [(&mut kv.keys, 13), (&mut kv.values, 14)] {
             match values {
-                KvValues::F32(v) => v.iter_mut().enumerate().for_each(|(i, x)| *x = entry(i)),
-                KvValues::F16(v) => v.iter_mut().enumerate().for_each(|(i, x)| *x = half::f16::from_f32(entry(i)).to_bits()),
+                KvValues::F32(v) => {
+                    let entries = random(v.len(), seed);
+                    v.copy_from_slice(&entries);
+                }
+                KvValues::F16(v) => {
+                    let entries = random(v.len(), seed);
+                    v.iter_mut().zip(entries).for_each(|(x, e)| *x = half::f16::from_f32(e).to_bits());
+                }
             }
         }
         let position = [positions as u32];

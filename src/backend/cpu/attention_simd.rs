@@ -187,12 +187,12 @@ mod x86 {
     // How far ahead of the entries being read the kernels ask for cache lines: the distances of
     // the weight kernels, into L1 a little ahead and into L2 further ahead. Decode streams each
     // span of the cache once; without prefetches attention after 4000 tokens read at about half
-    // the bandwidth the weights reach (the hardware prefetchers stop at every 4 KiB page and restart on each
-    // short span). One distance into L1 (2 KiB) still left the kernels at ~0.73 of a plain
-    // read of the same spans: each such prefetch holds an L1 fill buffer for a whole memory
-    // latency, so few lines were in flight. Asking L2 for the lines 8 KiB ahead as well made
-    // the kernels 1.10-1.18x faster over a cold cache (two kernels alternated layer by layer in
-    // one process, 4000 positions, 2 threads) and decode after 4000 tokens 1.03x.
+    // the bandwidth the weights reach (the hardware prefetchers stop at every 4 KiB page and
+    // restart on each short span). One distance into L1 (2 KiB) still left the kernels at ~0.73
+    // of a plain read of the same spans: each such prefetch holds an L1 fill buffer for a whole
+    // memory latency, so few lines were in flight. Asking L2 for the lines 8 KiB ahead as well
+    // made the kernels 1.10-1.18x faster over a cold cache (two kernels alternated layer by layer
+    // in one process, 4000 positions, 2 threads) and decode after 4000 tokens 1.03x.
     use super::super::simd::{FAR_PREFETCH_BYTES, NEAR_PREFETCH_BYTES};
 
     /// Asks for the lines `NEAR_PREFETCH_BYTES` (into L1) and `FAR_PREFETCH_BYTES` (into L2)

@@ -656,7 +656,8 @@ mod x86 {
     /// bandwidth floor; 8 KiB ahead into L1 measured 1.3-1.4x faster (1 KiB 1.2x, 4 KiB
     /// between). Asking L2 for the lines 16 KiB ahead as well, past what the L1 fill buffers
     /// can hold in flight, took 0.92-0.94x the Q8_0 decode step (Q4_1 alike, 0.995-1.01;
-    /// in-process A/B alternating per token; 32 KiB measured alike, 1 KiB into L1 worse).
+    /// in-process A/B alternating per token; 32 KiB measured alike; 1 KiB into L1 with the
+    /// far one, 0.94-0.96).
     const PREFETCH_BYTES: usize = 8192;
     const FAR_PREFETCH_BYTES: usize = 16384;
 

@@ -198,6 +198,14 @@ impl<B: Backend> ModelWeights<B> {
         } else {
             Some(matrices(vec![load_checked(source, "lm_head.weight", &[config.vocab_size, hidden], dtype)?])?.remove(0))
         };
-        Ok(ModelWeights { embed, layers, final_norm, lm_head, matrix_bytes, dtype })
+        let weights = ModelWeights { embed, layers, final_norm, lm_head, matrix_bytes, dtype };
+        backend.tune(&weights.decode_order());
+        Ok(weights)
+    }
+
+    /// The matrices in the order a decode step reads them.
+    pub fn decode_order(&self) -> Vec<&B::Matrix> {
+        let layers = self.layers.iter().flat_map(|l| [&l.qkv, &l.o_proj, &l.gate_up, &l.down]);
+        layers.chain([self.output_matrix()]).collect()
     }
 }

@@ -110,6 +110,10 @@ pub trait Backend: Send + Sync {
     fn matrices(&self, tensors: Vec<HostTensor>) -> Result<Vec<Self::Matrix>> {
         tensors.iter().map(|tensor| self.matrix(tensor)).collect()
     }
+    /// Chooses the machine-dependent settings of the products by timing them on the loaded
+    /// matrices, given in the order a decode step reads them. A setting changes speed, never a
+    /// result; backends with nothing to choose do nothing.
+    fn tune(&self, _decode_order: &[&Self::Matrix]) {}
     /// `(out_features, in_features)`.
     fn matrix_shape(&self, matrix: &Self::Matrix) -> (usize, usize);
     fn buffer(&self, len: usize) -> Result<Self::Buffer>;

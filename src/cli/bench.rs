@@ -259,10 +259,11 @@ fn measure_decode<B: Backend>(
     Ok(seconds.iter().map(|s| (steps * batch) as f64 / s).collect())
 }
 
-/// Streaming-read bandwidth in bytes/s with the backend's threads: the better of two readings,
+/// Streaming-read bandwidth in bytes/s with the backend's threads: the best of several readings,
 /// each the median of 5 passes over 1 GiB. One reads each task's chunk as one sequential stream;
-/// the other as four streams at once (its quarters, as the decode GEMV reads weight rows), which
-/// the hardware prefetchers serve faster on some machines. The floor is the best a read achieves.
+/// the others as four streams at once (its quarters, as the decode GEMV reads weight rows), once
+/// with each prefetch plan the GEMV may use, since the hardware prefetchers serve these
+/// differently from machine to machine. The floor is the best a read achieves.
 /// The data sits in huge pages, as the weights do: the floor is what the machine can stream,
 /// not what 4 KiB pages let through.
 fn memory_bandwidth(backend: &CpuBackend) -> Result<f64> {
@@ -271,11 +272,13 @@ fn memory_bandwidth(backend: &CpuBackend) -> Result<f64> {
     data.fill(1.0);
     let level = backend.simd_level();
     let one_stream = |chunk: &[f32]| simd::sum_squares(level, chunk);
-    let four_streams = |chunk: &[f32]| {
-        let quarter = chunk.len() / 4;
-        let q: [&[f32]; 4] = std::array::from_fn(|i| &chunk[i * quarter..(i + 1) * quarter]);
-        // Each quarter dotted with the first: every byte of the chunk is read once from memory.
-        simd::dot4_f32(level, q, q[0]).iter().sum::<f32>()
+    let four_streams = |plan: simd::StreamPrefetch| {
+        move |chunk: &[f32]| {
+            let quarter = chunk.len() / 4;
+            let q: [&[f32]; 4] = std::array::from_fn(|i| &chunk[i * quarter..(i + 1) * quarter]);
+            // Each quarter dotted with the first: every byte of the chunk is read once from memory.
+            simd::dot4_f32(level, plan, q, q[0]).iter().sum::<f32>()
+        }
     };
     let reading = |read: &(dyn Fn(&[f32]) -> f32 + Sync)| {
         let mut rates = Vec::new();
@@ -289,7 +292,8 @@ fn memory_bandwidth(backend: &CpuBackend) -> Result<f64> {
         }
         summarize(rates).median
     };
-    Ok(reading(&one_stream).max(reading(&four_streams)))
+    let four_stream_readings = simd::StreamPrefetch::CANDIDATES.map(|plan| reading(&four_streams(plan)));
+    Ok(four_stream_readings.into_iter().fold(reading(&one_stream), f64::max))
 }
 
 /// `none / condition − 1` per round: the extra time a condition costs (0.01 = 1% slower).
@@ -309,7 +313,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 models.push(args.load_on(args.cpu_backend()?, dtype)?);
             }
             let bandwidth = memory_bandwidth(&first)?;
-            bench_on(&args, models, bandwidth)
+            let tuning: Vec<String> = models
+                .iter()
+                .flat_map(|m| m.backend.prefetch_tunings().into_iter().map(|t| format!("weight prefetch (timed at load): {t}")))
+                .collect();
+            bench_on(&args, models, bandwidth, &tuning)
         }
         super::Selected::Cuda(first) => {
             // The GPU holds 16-bit weights: f32 is measured as bf16, once.
@@ -331,14 +339,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 };
                 models.push(model_args(dtype).load_on(backend, dtype)?);
             }
-            bench_on(&args, models, bandwidth)
+            bench_on(&args, models, bandwidth, &[])
         }
     }
 }
 
 /// Measures every condition on `models` (one per dtype); `bandwidth` is the memory floor in
 /// bytes/s measured on the same device.
-fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64) -> Result<()> {
+/// `tuning` lines say what the backends chose at load (printed under the header).
+fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64, tuning: &[String]) -> Result<()> {
     let config = models[0].config.clone();
     let (hidden, layers) = (config.hidden_size, config.num_hidden_layers);
     let shared = match &args.steer_file {
@@ -395,6 +404,9 @@ fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64)
         args.repeats
     );
     println!("memory bandwidth (streaming read): {:.1} GB/s", bandwidth / 1e9);
+    for line in tuning {
+        println!("{line}");
+    }
     println!(
         "{:<6} {:<24} {:>10} {:>22} {:>22} {:>10} {:>8} {:>22} {:>22}",
         "dtype",
@@ -460,7 +472,7 @@ fn bench_on<B: Backend>(args: &BenchArgs, models: Vec<Model<B>>, bandwidth: f64)
             "model": args.model, "backend": backend_name, "prompt_tokens": args.prompt_tokens,
             "decode_tokens": args.decode_tokens, "context": args.context, "batch": args.batch, "repeats": args.repeats,
             "conditions": args.conditions.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
-            "memory_bandwidth_bytes_per_second": bandwidth, "results": results,
+            "memory_bandwidth_bytes_per_second": bandwidth, "tuning": tuning, "results": results,
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }

@@ -13,7 +13,7 @@ use super::quant::{self, BlockMatrix, Q8Activations, QuantKernel, ROW_GROUP};
 use super::buffer::{Placeable, WeightBuffer};
 use crate::error::{Error, Result};
 use crate::tensor::{HostTensor, TensorData};
-use super::simd::{self, SimdLevel};
+use super::simd::{self, SimdLevel, StreamPrefetch};
 
 /// Row counts up to this go through the weight-streaming GEMV path.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -82,7 +82,7 @@ impl CpuMatrix {
     /// of the run: four sequential streams in different pages, which the hardware prefetcher
     /// follows, where four adjacent f16 rows (1152 bytes apart at width 576) share a page and
     /// measured slower than one row at a time.
-    fn dot_rows(&self, level: SimdLevel, first: usize, x: &[f32], out: &mut [f32]) {
+    fn dot_rows(&self, level: SimdLevel, prefetch: StreamPrefetch, first: usize, x: &[f32], out: &mut [f32]) {
         let (k, quarter) = (self.cols, out.len() / 4);
         let row = |r: usize| (first + r) * k..(first + r + 1) * k;
         // The first lines of the four streams, which the kernels' prefetches (a fixed distance
@@ -98,9 +98,9 @@ impl CpuMatrix {
         for j in 0..quarter {
             let rows = [j, quarter + j, 2 * quarter + j, 3 * quarter + j];
             let dots = match &self.data {
-                WeightData::F32(w) => simd::dot4_f32(level, rows.map(|r| &w[row(r)]), x),
-                WeightData::F16(w) => simd::dot4_f16(level, rows.map(|r| &w[row(r)]), x),
-                WeightData::BF16(w) => simd::dot4_bf16(level, rows.map(|r| &w[row(r)]), x),
+                WeightData::F32(w) => simd::dot4_f32(level, prefetch, rows.map(|r| &w[row(r)]), x),
+                WeightData::F16(w) => simd::dot4_f16(level, prefetch, rows.map(|r| &w[row(r)]), x),
+                WeightData::BF16(w) => simd::dot4_bf16(level, prefetch, rows.map(|r| &w[row(r)]), x),
                 WeightData::Quantized(_) => unreachable!("quantized rows go through their own gemv arm"),
             };
             for (r, dot) in rows.into_iter().zip(dots) {
@@ -143,19 +143,21 @@ impl CpuMatrix {
     }
 }
 
-/// `out[rows, w.rows] = x[rows, w.cols] · wᵀ`, using the calling rayon pool's threads.
+/// `out[rows, w.rows] = x[rows, w.cols] · wᵀ`, using the calling rayon pool's threads (float
+/// weights streamed with the default prefetch plan).
 pub fn matmul(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
-    matmul_with_scratch(level, threads, x, rows, w, out, &mut Vec::new());
+    matmul_with_scratch(level, StreamPrefetch::DEFAULT, threads, x, rows, w, out, &mut Vec::new());
 }
 
-/// [`matmul`] widening 16-bit weights for prefill into `scratch` (grown as needed, kept by the
-/// caller between products).
-pub fn matmul_with_scratch(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
+/// [`matmul`] streaming float weight rows in decode with `prefetch`, and widening 16-bit weights
+/// for prefill into `scratch` (grown as needed, kept by the caller between products).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with_scratch(level: SimdLevel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() >= rows * k && out.len() >= rows * n, "matmul buffers too small");
     let (x, out) = (&x[..rows * k], &mut out[..rows * n]);
     if rows <= GEMV_MAX_ROWS {
-        gemv(level, threads, x, rows, w, out);
+        gemv(level, prefetch, threads, x, rows, w, out);
     } else {
         gemm_any(level, threads, x, rows, w, out, scratch);
     }
@@ -166,7 +168,7 @@ fn chunk_len(n: usize, threads: usize) -> usize {
     n.div_ceil(threads * 4).max(16)
 }
 
-fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
+fn gemv(level: SimdLevel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
     let k = w.cols;
     match &w.data {
         WeightData::Quantized(blocks) => quantized_products(QuantKernel::for_level(level), threads, x, rows, blocks, out),
@@ -182,7 +184,7 @@ fn gemv(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix,
                     let end = (tile + tile_rows).min(width);
                     for r in 0..rows {
                         let input = &x[r * k..(r + 1) * k];
-                        w.dot_rows(level, start + tile, input, &mut block[r * width + tile..r * width + end]);
+                        w.dot_rows(level, prefetch, start + tile, input, &mut block[r * width + tile..r * width + end]);
                     }
                 }
             })

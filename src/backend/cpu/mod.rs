@@ -7,6 +7,7 @@ pub mod buffer;
 pub mod matmul;
 pub mod quant;
 pub mod simd;
+pub mod tune;
 pub mod warm;
 
 use rayon::prelude::*;
@@ -31,6 +32,8 @@ pub struct CpuBackend {
     widen_scratch: std::sync::Mutex<Vec<f32>>,
     /// The cache precision sessions get when their options name none.
     kv_precision: KvPrecision,
+    /// How float weight rows are prefetched in decode, timed on the loaded model.
+    prefetch: tune::PrefetchPlans,
 }
 
 impl CpuBackend {
@@ -45,7 +48,7 @@ impl CpuBackend {
             .map_err(|e| Error::InvalidInput(format!("cannot start {threads} CPU threads: {e}")))?;
         let detected = SimdLevel::detect();
         let level = max_level.map_or(detected, |cap| detected.at_most(cap));
-        Ok(CpuBackend { pool, threads, level, widen_scratch: std::sync::Mutex::new(Vec::new()), kv_precision: KvPrecision::F16 })
+        Ok(CpuBackend { pool, threads, level, widen_scratch: std::sync::Mutex::new(Vec::new()), kv_precision: KvPrecision::F16, prefetch: tune::PrefetchPlans::default() })
     }
 
     /// Sets the KV cache precision of sessions whose options name none (f16 unless set: half
@@ -61,6 +64,11 @@ impl CpuBackend {
 
     pub fn simd_level(&self) -> SimdLevel {
         self.level
+    }
+
+    /// What the prefetch timing at load measured, per float weight type timed (see [`tune`]).
+    pub fn prefetch_tunings(&self) -> Vec<tune::Tuning> {
+        self.prefetch.tunings()
     }
 }
 
@@ -133,6 +141,10 @@ impl Backend for CpuBackend {
         Ok(matrices)
     }
 
+    fn tune(&self, decode_order: &[&CpuMatrix]) {
+        self.run(|| self.prefetch.tune(self.level, self.threads, decode_order, tune::MIN_TUNING_BYTES, tune::MAX_TUNING_BYTES));
+    }
+
     fn matrix_shape(&self, matrix: &CpuMatrix) -> (usize, usize) {
         (matrix.rows, matrix.cols)
     }
@@ -193,8 +205,8 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &Vec<f32>, rows: usize, w: &CpuMatrix, out: &mut Vec<f32>) {
         // A product running beside another one on the same backend gets its own scratch.
         match self.widen_scratch.try_lock() {
-            Ok(mut scratch) => matmul::matmul_with_scratch(self.level, self.threads, x, rows, w, out, &mut scratch),
-            Err(_) => matmul::matmul(self.level, self.threads, x, rows, w, out),
+            Ok(mut scratch) => matmul::matmul_with_scratch(self.level, self.prefetch.for_matrix(w), self.threads, x, rows, w, out, &mut scratch),
+            Err(_) => matmul::matmul_with_scratch(self.level, self.prefetch.for_matrix(w), self.threads, x, rows, w, out, &mut Vec::new()),
         }
     }
 

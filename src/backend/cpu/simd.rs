@@ -156,34 +156,36 @@ pub fn dot_f16(level: SimdLevel, w: &[u16], x: &[f32]) -> f32 {
 /// Dots of four weight rows with one input, the rows streamed together: decode keeps four
 /// load streams in flight per core instead of one row's chain, and loads each input vector once
 /// for four rows. Rows in different 4 KiB pages stream fastest (see `CpuMatrix::dot_rows`).
-pub fn dot4_f32(level: SimdLevel, rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+/// `prefetch` says how far ahead the AVX-512 kernel asks for lines (the others leave it to the
+/// hardware).
+pub fn dot4_f32(level: SimdLevel, prefetch: StreamPrefetch, rows: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     rows.iter().for_each(|row| check_len(row.len(), x.len()));
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see dot_f32.
-        SimdLevel::Avx512 => unsafe { x86::dot4_f32_avx512(rows, x) },
+        SimdLevel::Avx512 => unsafe { x86::dot4_f32_avx512(prefetch, rows, x) },
         _ => rows.map(|row| dot_f32(level, row, x)),
     }
 }
 
 /// [`dot4_f32`] on bf16 rows (raw bits).
-pub fn dot4_bf16(level: SimdLevel, rows: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
+pub fn dot4_bf16(level: SimdLevel, prefetch: StreamPrefetch, rows: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
     rows.iter().for_each(|row| check_len(row.len(), x.len()));
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see dot_f32.
-        SimdLevel::Avx512 => unsafe { x86::dot4_bf16_avx512(rows, x) },
+        SimdLevel::Avx512 => unsafe { x86::dot4_bf16_avx512(prefetch, rows, x) },
         _ => rows.map(|row| dot_bf16(level, row, x)),
     }
 }
 
 /// [`dot4_f32`] on f16 rows (raw bits).
-pub fn dot4_f16(level: SimdLevel, rows: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
+pub fn dot4_f16(level: SimdLevel, prefetch: StreamPrefetch, rows: [&[u16]; 4], x: &[f32]) -> [f32; 4] {
     rows.iter().for_each(|row| check_len(row.len(), x.len()));
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see dot_f32.
-        SimdLevel::Avx512 => unsafe { x86::dot4_f16_avx512(rows, x) },
+        SimdLevel::Avx512 => unsafe { x86::dot4_f16_avx512(prefetch, rows, x) },
         _ => rows.map(|row| dot_f16(level, row, x)),
     }
 }
@@ -230,15 +232,58 @@ pub fn sum_squares(level: SimdLevel, x: &[f32]) -> f32 {
     dot_f32(level, x, x)
 }
 
-/// How far ahead of each row stream `dot4_*` asks for the next cache lines: into L1 a little
-/// ahead, and into L2 further ahead. The L2 streamer alone left two-thread F16 decode at ~80%
-/// of the bandwidth floor (it restarts at every 4 KiB page and ramps up on each of the short
-/// runs a product splits into); a prefetch 2 KiB ahead into L1 brought it to ~95%. Each such
-/// prefetch holds an L1 fill buffer for a whole memory latency, though, which caps the lines in
-/// flight: asking L2 for the lines 8 KiB ahead as well took 0.91-0.94x the F32 decode step and
-/// 0.97-1.0x the F16 one (in-process A/B alternating per token; 4 and 16 KiB measured alike).
+/// How far ahead of the entries it reads decode attention asks for the next cache lines: into
+/// L1 a little ahead, and into L2 further ahead (see `attention_simd`). Also the weight kernels'
+/// [`StreamPrefetch::NEAR_AND_FAR`].
 pub const NEAR_PREFETCH_BYTES: usize = 1024;
 pub const FAR_PREFETCH_BYTES: usize = 8192;
+
+/// How far ahead of each of its four row streams `dot4_*` asks for the next cache lines (a
+/// hint: no plan changes a result). Which plan streams fastest depends on the machine, by more
+/// than the plans differ elsewhere, so the backend times them on the loaded model and keeps the
+/// fastest for each weight type (`CpuBackend::tune`). Per-token A/Bs, decode step time against
+/// `NEAR_AND_FAR`:
+///
+/// | machine | F32 | F16 |
+/// |---|---|---|
+/// | Intel Xeon VM, 15-28 GB/s | `NEAR` 1.06-1.10 | `NEAR` 1.0-1.03 |
+/// | AMD EPYC VM, 53-92 GB/s | `NONE` 0.84-0.88, `NEAR` 0.91-0.94 | `NONE` 0.93, `NEAR` 0.84-0.87 |
+///
+/// On the first (and an earlier AMD machine with F16) each L1 prefetch holds a fill buffer for a
+/// whole memory latency, which caps the lines in flight, and asking L2 for lines further ahead
+/// pays; on the second the L2 streamer keeps up alone and the extra requests only compete
+/// with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamPrefetch {
+    /// Bytes ahead of each load into L1 (0: none).
+    pub near: usize,
+    /// Bytes ahead into L2 (0: none).
+    pub far: usize,
+}
+
+impl StreamPrefetch {
+    /// The hardware prefetchers alone.
+    pub const NONE: StreamPrefetch = StreamPrefetch { near: 0, far: 0 };
+    /// 2 KiB ahead into L1.
+    pub const NEAR: StreamPrefetch = StreamPrefetch { near: 2048, far: 0 };
+    /// 1 KiB ahead into L1 and 8 KiB ahead into L2.
+    pub const NEAR_AND_FAR: StreamPrefetch = StreamPrefetch { near: NEAR_PREFETCH_BYTES, far: FAR_PREFETCH_BYTES };
+    /// What the backend times, in the order it reports them.
+    pub const CANDIDATES: [StreamPrefetch; 3] = [StreamPrefetch::NONE, StreamPrefetch::NEAR, StreamPrefetch::NEAR_AND_FAR];
+    /// The plan before (or without) tuning.
+    pub const DEFAULT: StreamPrefetch = StreamPrefetch::NEAR_AND_FAR;
+}
+
+impl std::fmt::Display for StreamPrefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.near, self.far) {
+            (0, 0) => write!(f, "none"),
+            (near, 0) => write!(f, "L1 {} KiB", near / 1024),
+            (0, far) => write!(f, "L2 {} KiB", far / 1024),
+            (near, far) => write!(f, "L1 {} KiB + L2 {} KiB", near / 1024, far / 1024),
+        }
+    }
+}
 
 /// How much of each stream's start `dot_rows` prefetches before the first dot: the kernels'
 /// own prefetches, a fixed distance ahead of each load, never ask for it.
@@ -368,13 +413,13 @@ mod x86 {
         }
     }
 
-    use super::{FAR_PREFETCH_BYTES, NEAR_PREFETCH_BYTES};
+    use super::StreamPrefetch;
 
     /// Four rows against one input: one accumulator per row (four independent FMA chains).
     macro_rules! dot4_avx512 {
         ($name:ident, $t:ty, $load:ident, $tail:path) => {
             #[target_feature(enable = "avx512f")]
-            pub unsafe fn $name(rows: [&[$t]; 4], x: &[f32]) -> [f32; 4] {
+            pub unsafe fn $name(prefetch: StreamPrefetch, rows: [&[$t]; 4], x: &[f32]) -> [f32; 4] {
                 let k = x.len();
                 let (pw, px) = (rows.map(|row| row.as_ptr()), x.as_ptr());
                 let mut acc = [_mm512_setzero_ps(); 4];
@@ -387,8 +432,13 @@ mod x86 {
                         // row it reaches the stream's next rows (wrapping_add: no pointer UB).
                         if i % per_line == 0 {
                             let line = pw[r].wrapping_add(i) as *const i8;
-                            _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(NEAR_PREFETCH_BYTES));
-                            _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(FAR_PREFETCH_BYTES));
+                            // Branches on the plan: the same way every time, so predicted.
+                            if prefetch.near > 0 {
+                                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(prefetch.near));
+                            }
+                            if prefetch.far > 0 {
+                                _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(prefetch.far));
+                            }
                         }
                         *acc_r = _mm512_fmadd_ps($load(pw[r].add(i)), xv, *acc_r);
                     }
@@ -644,9 +694,15 @@ mod tests {
                 // Rows in any order: the kernels take four independent slices.
                 let order = [2usize, 0, 3, 1];
                 let (rows, rows16, rows_b): (Vec<&[f32]>, Vec<&[u16]>, Vec<&[u16]>) = (w.chunks(k).collect(), w16.chunks(k).collect(), wb.chunks(k).collect());
-                let got = dot4_f32(level, order.map(|o| rows[o]), &x);
-                let got16 = dot4_f16(level, order.map(|o| rows16[o]), &x);
-                let got_b = dot4_bf16(level, order.map(|o| rows_b[o]), &x);
+                let got = dot4_f32(level, StreamPrefetch::DEFAULT, order.map(|o| rows[o]), &x);
+                let got16 = dot4_f16(level, StreamPrefetch::DEFAULT, order.map(|o| rows16[o]), &x);
+                let got_b = dot4_bf16(level, StreamPrefetch::DEFAULT, order.map(|o| rows_b[o]), &x);
+                // A plan is a hint: every plan gives the same bits.
+                for plan in StreamPrefetch::CANDIDATES {
+                    assert_eq!(dot4_f32(level, plan, order.map(|o| rows[o]), &x).map(f32::to_bits), got.map(f32::to_bits), "{level} k={k} f32 {plan}");
+                    assert_eq!(dot4_f16(level, plan, order.map(|o| rows16[o]), &x).map(f32::to_bits), got16.map(f32::to_bits), "{level} k={k} f16 {plan}");
+                    assert_eq!(dot4_bf16(level, plan, order.map(|o| rows_b[o]), &x).map(f32::to_bits), got_b.map(f32::to_bits), "{level} k={k} bf16 {plan}");
+                }
                 for (r, &o) in order.iter().enumerate() {
                     let row = rows[o];
                     let want = scalar::dot_f32(row, &x);

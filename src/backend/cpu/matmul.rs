@@ -14,6 +14,7 @@ use super::buffer::{Placeable, WeightBuffer};
 use crate::error::{Error, Result};
 use crate::tensor::{HostTensor, TensorData};
 use super::simd::{self, SimdLevel, StreamPrefetch};
+use super::tune::StreamClass;
 
 /// Row counts up to this go through the weight-streaming GEMV path.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -143,14 +144,15 @@ impl CpuMatrix {
     }
 }
 
-/// `out[rows, w.rows] = x[rows, w.cols] · wᵀ`, using the calling rayon pool's threads (float
-/// weights streamed with the default prefetch plan).
+/// `out[rows, w.rows] = x[rows, w.cols] · wᵀ`, using the calling rayon pool's threads (decode
+/// streams the weights with their type's default prefetch plan).
 pub fn matmul(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
-    matmul_with_scratch(level, StreamPrefetch::DEFAULT, threads, x, rows, w, out, &mut Vec::new());
+    matmul_with_scratch(level, StreamClass::of(w).default_plan(), threads, x, rows, w, out, &mut Vec::new());
 }
 
-/// [`matmul`] streaming float weight rows in decode with `prefetch`, and widening 16-bit weights
-/// for prefill into `scratch` (grown as needed, kept by the caller between products).
+/// [`matmul`] streaming the weight rows in decode with `prefetch` (a plan among
+/// [`StreamClass::candidates`] of the matrix's class), and widening 16-bit weights for prefill
+/// into `scratch` (grown as needed, kept by the caller between products).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with_scratch(level: SimdLevel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
     let (n, k) = (w.rows, w.cols);
@@ -171,7 +173,7 @@ fn chunk_len(n: usize, threads: usize) -> usize {
 fn gemv(level: SimdLevel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
     let k = w.cols;
     match &w.data {
-        WeightData::Quantized(blocks) => quantized_products(QuantKernel::for_level(level), threads, x, rows, blocks, out),
+        WeightData::Quantized(blocks) => quantized_products(QuantKernel::for_level(level), prefetch, threads, x, rows, blocks, out),
         _ => {
             // Tiles of weight rows run against every input, so that a tile stays in L1 across
             // the inputs. With one input there is nothing to keep: the task's whole run is one
@@ -226,7 +228,7 @@ fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMat
     match &w.data {
         WeightData::F32(data) => gemm_f32(threads, x, rows, k, data, n, out, n, 0),
         WeightData::Quantized(blocks) if QuantKernel::for_level(level) != QuantKernel::Scalar => {
-            quantized_products(QuantKernel::for_level(level), threads, x, rows, blocks, out)
+            quantized_products(QuantKernel::for_level(level), quant::UNIT_PREFETCH_NEAR_AND_FAR, threads, x, rows, blocks, out)
         }
         WeightData::BF16(_) | WeightData::F16(_) | WeightData::Quantized(_) => {
             let chunk_rows = (WIDEN_CHUNK_ELEMENTS / k).clamp(1, n);
@@ -249,7 +251,7 @@ fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMat
 /// has AVX2 or VNNI): the activation rows are quantized once; each task takes whole row groups of
 /// `w` and runs every group (16 weight rows, which stay in L1) against the activation rows four
 /// at a time.
-fn quantized_products(kernel: QuantKernel, threads: usize, x: &[f32], rows: usize, w: &BlockMatrix, out: &mut [f32]) {
+fn quantized_products(kernel: QuantKernel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &BlockMatrix, out: &mut [f32]) {
     const GROUP: usize = quant::ROWS_AT_ONCE;
     let activations = Q8Activations::quantize(x, rows, w.cols);
     // Tasks take whole row groups.
@@ -270,9 +272,9 @@ fn quantized_products(kernel: QuantKernel, threads: usize, x: &[f32], rows: usiz
                 let mut runs = block[r * width..(r + take) * width].chunks_mut(width).map(|row| &mut row[first..last]);
                 if take == GROUP {
                     let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|_| runs.next().expect("four rows"));
-                    quant::dot_groups(kernel, w, g..tile_end, std::array::from_fn(|t| activations.row(r + t)), &mut outs);
+                    quant::dot_groups_prefetching(kernel, prefetch, w, g..tile_end, std::array::from_fn(|t| activations.row(r + t)), &mut outs);
                 } else {
-                    quant::dot_groups(kernel, w, g..tile_end, [activations.row(r)], &mut [runs.next().expect("one row")]);
+                    quant::dot_groups_prefetching(kernel, prefetch, w, g..tile_end, [activations.row(r)], &mut [runs.next().expect("one row")]);
                 }
                 r += take;
             }

@@ -59,7 +59,7 @@ use crate::model::quant::{
     BLOCK_Q6_K_BYTES, BLOCK_Q8_0_BYTES, QK, QK_K,
 };
 
-use super::simd::SimdLevel;
+use super::simd::{SimdLevel, StreamPrefetch};
 use super::buffer::{Placeable, WeightBuffer};
 
 /// The block layouts engram computes on directly.
@@ -563,10 +563,26 @@ pub struct Q8Row<'a> {
 /// meets four rows).
 pub const ROWS_AT_ONCE: usize = 4;
 
+/// How far ahead of a task's stream of block units the SIMD kernels ask for the next cache
+/// lines (a hint: no plan changes a result). The hardware prefetchers alone left two-thread
+/// Q4_1 and Q8_0 decode at 70-75% of the bandwidth floor; 8 KiB ahead into L1 measured 1.3-1.4x
+/// faster (1 KiB 1.2x, 4 KiB between). Asking L2 for the lines 16 KiB ahead as well took
+/// 0.92-0.94x the Q8_0 decode step on an Intel VM (Q4_1 alike, 0.995-1.01; in-process A/B
+/// alternating per token) but, on an AMD EPYC VM at 53-94 GB/s, 1.0-1.08x the step of L1 alone
+/// (runs apart disagreed), so the backend times both on the loaded model (see `tune`).
+pub const UNIT_PREFETCH_NEAR_AND_FAR: StreamPrefetch = StreamPrefetch { near: 8192, far: 16384 };
+/// [`UNIT_PREFETCH_NEAR_AND_FAR`] without the L2 one.
+pub const UNIT_PREFETCH_NEAR: StreamPrefetch = StreamPrefetch { near: 8192, far: 0 };
+
 /// `out[t][i] = Σ_k w[groups.start·16 + i, k] · x_t[k]` for the rows of the row groups
 /// `groups` (padding rows excluded: `out[t]` holds exactly the real rows) and each of the `T`
-/// activation rows.
+/// activation rows, prefetching with [`UNIT_PREFETCH_NEAR_AND_FAR`].
 pub fn dot_groups<const T: usize>(kernel: QuantKernel, weights: &BlockMatrix, groups: std::ops::Range<usize>, x: [Q8Row<'_>; T], out: &mut [&mut [f32]; T]) {
+    dot_groups_prefetching(kernel, UNIT_PREFETCH_NEAR_AND_FAR, weights, groups, x, out)
+}
+
+/// [`dot_groups`] with the SIMD kernels prefetching by `prefetch`.
+pub fn dot_groups_prefetching<const T: usize>(kernel: QuantKernel, prefetch: StreamPrefetch, weights: &BlockMatrix, groups: std::ops::Range<usize>, x: [Q8Row<'_>; T], out: &mut [&mut [f32]; T]) {
     let blocks = weights.blocks;
     let real_rows = (groups.end * ROW_GROUP).min(weights.rows).saturating_sub(groups.start * ROW_GROUP);
     assert!(
@@ -585,16 +601,16 @@ pub fn dot_groups<const T: usize>(kernel: QuantKernel, weights: &BlockMatrix, gr
             // SAFETY: kernels other than Scalar are only chosen when their features were
             // detected (QuantKernel::for_level / all_supported); `g` is a group of `weights` and
             // every activation row holds `weights.blocks` blocks (checked above).
-            QuantKernel::Vnni if weights.format.is_k() => unsafe { x86::group_vnni_k(weights, g, &x) },
+            QuantKernel::Vnni if weights.format.is_k() => unsafe { x86::group_vnni_k(weights, g, &x, prefetch) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            QuantKernel::Vnni => unsafe { x86::group_vnni(weights, g, &x) },
+            QuantKernel::Vnni => unsafe { x86::group_vnni(weights, g, &x, prefetch) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            QuantKernel::Avx2 if weights.format.is_k() => unsafe { x86::group_avx2_k(weights, g, &x) },
+            QuantKernel::Avx2 if weights.format.is_k() => unsafe { x86::group_avx2_k(weights, g, &x, prefetch) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            QuantKernel::Avx2 => unsafe { x86::group_avx2(weights, g, &x) },
+            QuantKernel::Avx2 => unsafe { x86::group_avx2(weights, g, &x, prefetch) },
             _ => std::array::from_fn(|t| scalar::group(weights, g, x[t])),
         };
         let first = (g - groups.start) * ROW_GROUP;
@@ -649,34 +665,29 @@ mod x86 {
     //! The SIMD kernels on the packed layout: one row group per call, every activation row.
     use std::arch::x86_64::*;
 
-    use super::{BlockFormat, BlockMatrix, Q8Row, BLOCKS_PER_SUPER, QK, ROW_GROUP};
+    use super::{BlockFormat, BlockMatrix, Q8Row, StreamPrefetch, BLOCKS_PER_SUPER, QK, ROW_GROUP};
 
-    /// How far ahead of a task's stream of block units the kernels ask for the next cache lines.
-    /// The hardware prefetchers alone left two-thread Q4_1 and Q8_0 decode at 70-75% of the
-    /// bandwidth floor; 8 KiB ahead into L1 measured 1.3-1.4x faster (1 KiB 1.2x, 4 KiB
-    /// between). Asking L2 for the lines 16 KiB ahead as well, past what the L1 fill buffers
-    /// can hold in flight, took 0.92-0.94x the Q8_0 decode step (Q4_1 alike, 0.995-1.01;
-    /// in-process A/B alternating per token; 32 KiB measured alike; 1 KiB into L1 with the
-    /// far one, 0.94-0.96).
-    const PREFETCH_BYTES: usize = 8192;
-    const FAR_PREFETCH_BYTES: usize = 16384;
-
-    /// Asks for the cache lines of the unit `PREFETCH_BYTES` past `unit` (`unit_bytes` long)
-    /// into L1, and of the unit `FAR_PREFETCH_BYTES` past it into L2. A prefetch is a hint: it
-    /// never faults, past the matrix's end included (`wrapping_add` keeps the address
-    /// arithmetic defined).
+    /// Asks for the cache lines of the unit `prefetch.near` bytes past `unit` (`unit_bytes`
+    /// long) into L1, and of the unit `prefetch.far` past it into L2 (0: not at all). A prefetch
+    /// is a hint: it never faults, past the matrix's end included (`wrapping_add` keeps the
+    /// address arithmetic defined).
     #[inline(always)]
-    unsafe fn prefetch_ahead(unit: *const u8, unit_bytes: usize) {
+    unsafe fn prefetch_ahead(unit: *const u8, unit_bytes: usize, prefetch: StreamPrefetch) {
         for line in (0..unit_bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(unit.wrapping_add(PREFETCH_BYTES + line) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(unit.wrapping_add(FAR_PREFETCH_BYTES + line) as *const i8);
+            // Branches on the plan: the same way every time, so predicted.
+            if prefetch.near > 0 {
+                _mm_prefetch::<_MM_HINT_T0>(unit.wrapping_add(prefetch.near + line) as *const i8);
+            }
+            if prefetch.far > 0 {
+                _mm_prefetch::<_MM_HINT_T1>(unit.wrapping_add(prefetch.far + line) as *const i8);
+            }
         }
     }
 
     /// Safety: AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C must be present; `g` is a row group of
     /// `w`, and every `x[t]` holds `w.blocks` blocks.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn group_vnni<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T]) -> [[f32; ROW_GROUP]; T] {
+    pub unsafe fn group_vnni<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T], prefetch: StreamPrefetch) -> [[f32; ROW_GROUP]; T] {
         let format = w.format;
         let unit_bytes = format.group_block_bytes();
         let mut sums = [_mm512_setzero_ps(); T];
@@ -693,7 +704,7 @@ mod x86 {
                         d
                     };
                     let $unit = w.quants.as_ptr().add(unit * unit_bytes);
-                    prefetch_ahead($unit, unit_bytes);
+                    prefetch_ahead($unit, unit_bytes, prefetch);
                     let vectors: [__m512i; 8] = $vectors;
                     for t in 0..T {
                         let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
@@ -775,7 +786,7 @@ mod x86 {
     ///
     /// Safety: as [`group_vnni`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn group_vnni_k<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T]) -> [[f32; ROW_GROUP]; T] {
+    pub unsafe fn group_vnni_k<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T], prefetch: StreamPrefetch) -> [[f32; ROW_GROUP]; T] {
         let format = w.format;
         let unit_bytes = format.group_block_bytes();
         let supers = w.blocks / BLOCKS_PER_SUPER;
@@ -787,7 +798,7 @@ mod x86 {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(w.scales.as_ptr().add(lanes) as *const __m256i));
             let subs = w.sub_scales.as_ptr().add(unit * 2 * ROW_GROUP);
             let q = w.quants.as_ptr().add(unit * unit_bytes);
-            prefetch_ahead(q, unit_bytes);
+            prefetch_ahead(q, unit_bytes, prefetch);
             let nibbles = nibbles_512(q);
             if format == BlockFormat::Q4_K {
                 // d·sc and dmin·m per lane, shared by every activation row.
@@ -848,7 +859,7 @@ mod x86 {
     ///
     /// Safety: as [`group_avx2`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_avx2_k<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T]) -> [[f32; ROW_GROUP]; T] {
+    pub unsafe fn group_avx2_k<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T], prefetch: StreamPrefetch) -> [[f32; ROW_GROUP]; T] {
         let format = w.format;
         let unit_bytes = format.group_block_bytes();
         let supers = w.blocks / BLOCKS_PER_SUPER;
@@ -865,7 +876,7 @@ mod x86 {
                 let subs = w.sub_scales.as_ptr().add(unit * 2 * ROW_GROUP + half * 8);
                 let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
                 if half == 0 {
-                    prefetch_ahead(base, unit_bytes);
+                    prefetch_ahead(base, unit_bytes, prefetch);
                 }
                 let widen = |p: *const u8, signed: bool| {
                     let bytes = _mm_loadl_epi64(p as *const __m128i);
@@ -924,7 +935,7 @@ mod x86 {
     /// Safety: AVX2, FMA and F16C must be present; `g` is a row group of `w`, and every `x[t]`
     /// holds `w.blocks` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_avx2<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T]) -> [[f32; ROW_GROUP]; T] {
+    pub unsafe fn group_avx2<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T], prefetch: StreamPrefetch) -> [[f32; ROW_GROUP]; T] {
         let format = w.format;
         let unit_bytes = format.group_block_bytes();
         let ones = _mm256_set1_epi16(1);
@@ -942,7 +953,7 @@ mod x86 {
                     if format == BlockFormat::Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(w.minimums.as_ptr().add(lanes) as *const __m128i)) } else { d };
                 let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
                 if half == 0 {
-                    prefetch_ahead(base, unit_bytes);
+                    prefetch_ahead(base, unit_bytes, prefetch);
                 }
                 let vectors: [__m256i; 8] = match format {
                     // Back to signed weights: 255·127·2 would overflow vpmaddubsw's i16.

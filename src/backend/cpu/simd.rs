@@ -239,20 +239,20 @@ pub const NEAR_PREFETCH_BYTES: usize = 1024;
 pub const FAR_PREFETCH_BYTES: usize = 8192;
 
 /// How far ahead of each of its four row streams `dot4_*` asks for the next cache lines (a
-/// hint: no plan changes a result). Which plan streams fastest depends on the machine, by more
-/// than the plans differ elsewhere, so the backend times them on the loaded model and keeps the
-/// fastest for each weight type (`CpuBackend::tune`). Per-token A/Bs, decode step time against
-/// `NEAR_AND_FAR`:
+/// hint: no plan changes a result). Which plan streams fastest depends on the machine, and on
+/// one machine from hour to hour, by more than the plans differ elsewhere, so the backend times
+/// them on the loaded model and keeps the fastest for each weight type (`CpuBackend::tune`).
+/// Per-token A/Bs, decode step time against `NEAR_AND_FAR`:
 ///
 /// | machine | F32 | F16 |
 /// |---|---|---|
 /// | Intel Xeon VM, 15-28 GB/s | `NEAR` 1.06-1.10 | `NEAR` 1.0-1.03 |
-/// | AMD EPYC VM, 53-92 GB/s | `NONE` 0.84-0.88, `NEAR` 0.91-0.94 | `NONE` 0.93, `NEAR` 0.84-0.87 |
+/// | AMD EPYC VM, 53-94 GB/s | `NONE` 0.84-0.88, `NEAR` 0.91-0.94 | `NONE` 0.91-0.93, `NEAR` 0.84-0.87 |
 ///
-/// On the first (and an earlier AMD machine with F16) each L1 prefetch holds a fill buffer for a
-/// whole memory latency, which caps the lines in flight, and asking L2 for lines further ahead
-/// pays; on the second the L2 streamer keeps up alone and the extra requests only compete
-/// with it.
+/// On the first each L1 prefetch holds a fill buffer for a whole memory latency, which caps the
+/// lines in flight, and asking L2 for lines further ahead pays; on the second the L2 streamer
+/// keeps up alone and the extra requests only compete with it. `NEAR` is the default, the
+/// plan least far from the best on both (at most 1.10x its step).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamPrefetch {
     /// Bytes ahead of each load into L1 (0: none).
@@ -270,8 +270,8 @@ impl StreamPrefetch {
     pub const NEAR_AND_FAR: StreamPrefetch = StreamPrefetch { near: NEAR_PREFETCH_BYTES, far: FAR_PREFETCH_BYTES };
     /// What the backend times, in the order it reports them.
     pub const CANDIDATES: [StreamPrefetch; 3] = [StreamPrefetch::NONE, StreamPrefetch::NEAR, StreamPrefetch::NEAR_AND_FAR];
-    /// The plan before (or without) tuning.
-    pub const DEFAULT: StreamPrefetch = StreamPrefetch::NEAR_AND_FAR;
+    /// The plan before (or without) tuning, and kept unless another times clearly faster.
+    pub const DEFAULT: StreamPrefetch = StreamPrefetch::NEAR;
 }
 
 impl std::fmt::Display for StreamPrefetch {

@@ -247,7 +247,7 @@ pub const FAR_PREFETCH_BYTES: usize = 8192;
 /// | machine | F32 | F16 |
 /// |---|---|---|
 /// | Intel Xeon VM, 15-28 GB/s | `NEAR` 1.06-1.10 | `NEAR` 1.0-1.03 |
-/// | AMD EPYC VM, 53-94 GB/s | `NONE` 0.84-0.88, `NEAR` 0.91-0.94 | `NONE` 0.91-0.93, `NEAR` 0.84-0.87 |
+/// | AMD EPYC VM, 53-94 GB/s | `NONE` 0.84-0.88, `NEAR` 0.92-0.93 | `NONE` 0.92-0.94, `NEAR` 0.84-0.85 |
 ///
 /// On the first each L1 prefetch holds a fill buffer for a whole memory latency, which caps the
 /// lines in flight, and asking L2 for lines further ahead pays; on the second the L2 streamer

@@ -7,7 +7,7 @@
 //! decode step on the machines measured (see [`StreamPrefetch`]). A plan is only a hint, so the
 //! choice changes speed, never a result. Timing the plans once at load on the model's own
 //! matrices, in decode order and each product cold as in decode, costs a few passes over them
-//! (30-60 ms for SmolLM2-135M's F32 file).
+//! (ten passes; for SmolLM2-135M's F32 file, 406 MB each, some 50 ms at 80 GB/s).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;

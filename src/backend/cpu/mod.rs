@@ -32,7 +32,7 @@ pub struct CpuBackend {
     widen_scratch: std::sync::Mutex<Vec<f32>>,
     /// The cache precision sessions get when their options name none.
     kv_precision: KvPrecision,
-    /// How float weight rows are prefetched in decode, timed on the loaded model.
+    /// How weight rows are prefetched in decode, per weight class, timed on the loaded model.
     prefetch: tune::PrefetchPlans,
 }
 
@@ -66,7 +66,7 @@ impl CpuBackend {
         self.level
     }
 
-    /// What the prefetch timing at load measured, per float weight type timed (see [`tune`]).
+    /// What the prefetch timing at load measured, per weight class timed (see [`tune`]).
     pub fn prefetch_tunings(&self) -> Vec<tune::Tuning> {
         self.prefetch.tunings()
     }

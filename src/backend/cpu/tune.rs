@@ -27,7 +27,6 @@ pub enum StreamClass {
     Quantized,
 }
 
-const FLOAT_CANDIDATES: [StreamPrefetch; 3] = StreamPrefetch::CANDIDATES;
 const QUANTIZED_CANDIDATES: [StreamPrefetch; 2] = [UNIT_PREFETCH_NEAR, UNIT_PREFETCH_NEAR_AND_FAR];
 
 impl StreamClass {
@@ -44,7 +43,7 @@ impl StreamClass {
     /// The plans timed for this class, in the order they are reported.
     pub fn candidates(self) -> &'static [StreamPrefetch] {
         match self {
-            StreamClass::F32 | StreamClass::Half => &FLOAT_CANDIDATES,
+            StreamClass::F32 | StreamClass::Half => &StreamPrefetch::CANDIDATES,
             StreamClass::Quantized => &QUANTIZED_CANDIDATES,
         }
     }
@@ -55,6 +54,11 @@ impl StreamClass {
             StreamClass::F32 | StreamClass::Half => StreamPrefetch::DEFAULT,
             StreamClass::Quantized => UNIT_PREFETCH_NEAR_AND_FAR,
         }
+    }
+
+    /// Where [`StreamClass::default_plan`] sits among the candidates.
+    fn default_index(self) -> usize {
+        self.candidates().iter().position(|&p| p == self.default_plan()).expect("the default is a candidate")
     }
 
     fn index(self) -> usize {
@@ -115,8 +119,7 @@ pub struct PrefetchPlans {
 
 impl Default for PrefetchPlans {
     fn default() -> Self {
-        let default = |class: StreamClass| AtomicU8::new(class.candidates().iter().position(|&p| p == class.default_plan()).expect("the default is a candidate") as u8);
-        PrefetchPlans { chosen: StreamClass::ALL.map(default), tunings: Mutex::new(Vec::new()) }
+        PrefetchPlans { chosen: StreamClass::ALL.map(|class| AtomicU8::new(class.default_index() as u8)), tunings: Mutex::new(Vec::new()) }
     }
 }
 
@@ -167,7 +170,7 @@ impl PrefetchPlans {
 /// The index of the plan to keep among `class`'s candidates, given their pass times: the
 /// fastest where it beats the default by [`SWITCH_BELOW`], else the default.
 fn choose(class: StreamClass, seconds: &[f64]) -> usize {
-    let default = class.candidates().iter().position(|&p| p == class.default_plan()).expect("the default is a candidate");
+    let default = class.default_index();
     let fastest = (0..seconds.len()).min_by(|&a, &b| seconds[a].total_cmp(&seconds[b])).expect("candidates");
     if seconds[fastest] < SWITCH_BELOW * seconds[default] {
         fastest

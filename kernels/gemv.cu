@@ -1,5 +1,6 @@
 // Decode matrix-vector products: y[r, o] = sum_i x[r, i] * W[o, i] for a few rows r, W [out, in]
-// in bf16 or f16 (u16 bits), fp32 accumulation. q|k|v and gate|up are single fused matrices on the
+// in bf16 or f16 (u16 bits), fp32 accumulation; bf16 weights meet activations rounded to bf16
+// (`W::input`), as on the CPU. q|k|v and gate|up are single fused matrices on the
 // host side, so one launch covers each; `gemv_silu_mul_*` also applies SiLU(gate) * up in the
 // epilogue for the gate|up matrix.
 
@@ -35,8 +36,8 @@ __device__ __forceinline__ void dot_rows_vec8(const u16* __restrict__ w_row, con
             for (int r = 0; r < ROWS; ++r) {
                 const float4 x0 = *reinterpret_cast<const float4*>(x + (u64)r * in + col);
                 const float4 x1 = *reinterpret_cast<const float4*>(x + (u64)r * in + col + 4);
-                acc[r] += wf[0] * x0.x + wf[1] * x0.y + wf[2] * x0.z + wf[3] * x0.w
-                        + wf[4] * x1.x + wf[5] * x1.y + wf[6] * x1.z + wf[7] * x1.w;
+                acc[r] += wf[0] * W::input(x0.x) + wf[1] * W::input(x0.y) + wf[2] * W::input(x0.z) + wf[3] * W::input(x0.w)
+                        + wf[4] * W::input(x1.x) + wf[5] * W::input(x1.y) + wf[6] * W::input(x1.z) + wf[7] * W::input(x1.w);
             }
         }
     }
@@ -49,8 +50,8 @@ __device__ __forceinline__ void dot_rows_vec8(const u16* __restrict__ w_row, con
             float sum = 0.0f;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                sum += W::widen((u16)(words[k] & 0xffffu)) * x[(u64)r * in + col + 2 * k]
-                     + W::widen((u16)(words[k] >> 16)) * x[(u64)r * in + col + 2 * k + 1];
+                sum += W::widen((u16)(words[k] & 0xffffu)) * W::input(x[(u64)r * in + col + 2 * k])
+                     + W::widen((u16)(words[k] >> 16)) * W::input(x[(u64)r * in + col + 2 * k + 1]);
             }
             acc[r] += sum;
         }
@@ -63,7 +64,7 @@ __device__ __forceinline__ void dot_rows_scalar(const u16* __restrict__ w_row, c
     for (u32 i = threadIdx.x & 31u; i < in; i += 32u) {
         const float wf = W::widen(w_row[i]);
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) acc[r] += wf * x[(u64)r * in + i];
+        for (int r = 0; r < ROWS; ++r) acc[r] += wf * W::input(x[(u64)r * in + i]);
     }
 }
 

@@ -11,11 +11,15 @@ __device__ __forceinline__ float bf16_to_f32(u16 bits) {
     return __uint_as_float(((u32)bits) << 16);
 }
 
-// f32 -> bf16 bits, round to nearest even (NaN kept quiet), as the host's `half` crate rounds.
+// f32 -> bf16 bits, round to nearest even (NaN kept quiet, subnormals to a zero of their sign),
+// as the CPU backend and `vcvtneps2bf16` round activations for bf16 products.
 __device__ __forceinline__ u16 f32_to_bf16(float value) {
     u32 bits = __float_as_uint(value);
     if ((bits & 0x7fffffffu) > 0x7f800000u) {
         return (u16)((bits >> 16) | 0x40u);
+    }
+    if ((bits & 0x7f800000u) == 0u) {
+        return (u16)((bits >> 16) & 0x8000u);
     }
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return (u16)(bits >> 16);
@@ -35,12 +39,17 @@ __device__ __forceinline__ u16 f32_to_f16(float value) {
     return bits;
 }
 
-// The weight element types, selected at compile time by the templated kernels.
+// The weight element types, selected at compile time by the templated kernels. `input` is what
+// an f32 activation becomes before it meets such a weight: bf16 weights meet activations rounded
+// to bf16 (so every product is exact in f32 and the GEMV, cuBLAS and the CPU backend compute the
+// same products); f16 weights meet f32 activations.
 struct Bf16 {
     static __device__ __forceinline__ float widen(u16 bits) { return bf16_to_f32(bits); }
+    static __device__ __forceinline__ float input(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 };
 struct F16 {
     static __device__ __forceinline__ float widen(u16 bits) { return f16_to_f32(bits); }
+    static __device__ __forceinline__ float input(float x) { return x; }
 };
 
 __device__ __forceinline__ float warp_sum(float value) {

@@ -42,17 +42,51 @@ fn half_precision_weights_match_the_reference_on_the_same_rounded_weights() {
     for dtype in [DType::BF16, DType::F16] {
         let dir = tempfile::tempdir().unwrap();
         write_random_model(dir.path(), &tiny_config(Architecture::Llama), dtype, 6).unwrap();
-        let reference = Reference::load(dir.path(), dtype);
+        let mut reference = Reference::load(dir.path(), dtype);
+        if dtype == DType::F16 {
+            // f16 weights meet f32 activations (bf16 ones: the next test).
+            let want: Vec<f64> = reference.run(&PROMPT).0.into_iter().flatten().collect();
+            for level in SimdLevel::all_supported() {
+                let model = load_cpu(dir.path(), dtype, 2, Some(level));
+                let err = relative_error(&all_logits(&model, &PROMPT), &want);
+                assert!(err < 1e-4, "{dtype} {level}: relative error {err}");
+            }
+        }
+        // Loading the same file as f32 gives the rounded weights meeting f32 activations (the
+        // widening is exact, and only bf16 weights round the activations).
+        reference.bf16_inputs = false;
+        let want: Vec<f64> = reference.run(&PROMPT).0.into_iter().flatten().collect();
+        let model = load_cpu(dir.path(), DType::F32, 1, None);
+        let err = relative_error(&all_logits(&model, &PROMPT), &want);
+        assert!(err < 1e-4, "{dtype} file loaded as f32: relative error {err}");
+    }
+}
+
+/// bf16 weights meet activations rounded to bf16, and so does the reference; but rounding is a
+/// step function: where engram's f32 activation and the reference's f64 one straddle a rounding
+/// boundary they land a bf16 step (2^-8) apart, and a random model carries that on (measured
+/// 4e-4..3e-3 when it happens, in about a third of these runs). So over several models: many runs
+/// agree to f32 precision and none is off by more than the cascade of a flip. Against a
+/// reference without the rounding every run is off by 3e-3..5e-3, none within 1e-5.
+#[test]
+fn bf16_weights_meet_activations_rounded_to_bf16_as_the_reference_does() {
+    let (mut close, mut runs, mut worst) = (0, 0, 0.0f64);
+    for seed in 20..28 {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), &tiny_config(Architecture::Llama), DType::BF16, seed).unwrap();
+        let reference = Reference::load(dir.path(), DType::BF16);
         let want: Vec<f64> = reference.run(&PROMPT).0.into_iter().flatten().collect();
         for level in SimdLevel::all_supported() {
-            let model = load_cpu(dir.path(), dtype, 2, Some(level));
-            let err = relative_error(&all_logits(&model, &PROMPT), &want);
-            assert!(err < 1e-4, "{dtype} {level}: relative error {err}");
+            let model = load_cpu(dir.path(), DType::BF16, 2, Some(level));
+            let logits = all_logits(&model, &PROMPT);
+            let err = relative_error(&logits, &want);
+            runs += 1;
+            close += usize::from(err < 1e-5);
+            worst = worst.max(err);
         }
-        // Loading the same file as f32 must give the same values (the widening is exact).
-        let model = load_cpu(dir.path(), DType::F32, 1, None);
-        assert!(relative_error(&all_logits(&model, &PROMPT), &want) < 1e-4);
     }
+    assert!(worst < 1e-2, "bf16: relative error {worst} against the reference");
+    assert!(close * 4 >= runs, "bf16: only {close} of {runs} runs within 1e-5 of the reference");
 }
 
 #[test]

@@ -42,6 +42,9 @@ pub fn load_cpu_with_cache(dir: &Path, dtype: DType, threads: usize, level: Opti
 pub struct Reference {
     pub config: ModelConfig,
     pub tensors: HashMap<String, Vec<f64>>,
+    /// Round each product's input to bf16, as engram does for bf16 weights (set by `load` for
+    /// bf16; clear it to model f32 activations meeting the same rounded weights).
+    pub bf16_inputs: bool,
 }
 
 impl Reference {
@@ -54,7 +57,7 @@ impl Reference {
             let t = if t.shape.len() == 2 { t.to_dtype(dtype).unwrap() } else { t };
             tensors.insert(name, t.to_f32_vec().into_iter().map(|v| v as f64).collect());
         }
-        Reference { config: files.config, tensors }
+        Reference { config: files.config, tensors, bf16_inputs: dtype == DType::BF16 }
     }
 
     fn t(&self, name: &str) -> &[f64] {
@@ -64,6 +67,13 @@ impl Reference {
     fn linear(&self, name: &str, x: &[f64], out_dim: usize) -> Vec<f64> {
         let w = self.t(name);
         let k = x.len();
+        let rounded: Vec<f64>;
+        let x = if self.bf16_inputs {
+            rounded = x.iter().map(|&v| half::bf16::from_f32(v as f32).to_f64()).collect();
+            &rounded[..]
+        } else {
+            x
+        };
         (0..out_dim).map(|j| (0..k).map(|i| w[j * k + i] * x[i]).sum()).collect()
     }
 

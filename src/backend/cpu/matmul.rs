@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use super::bf16_products;
 use super::quant::{self, BlockMatrix, Q8Activations, QuantKernel, ROW_GROUP};
 use super::buffer::{Placeable, WeightBuffer};
 use crate::error::{Error, Result};
@@ -158,10 +159,33 @@ pub fn matmul_with_scratch(level: SimdLevel, prefetch: StreamPrefetch, threads: 
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() >= rows * k && out.len() >= rows * n, "matmul buffers too small");
     let (x, out) = (&x[..rows * k], &mut out[..rows * n]);
+    if let WeightData::BF16(weights) = &w.data {
+        return bf16_weight_product(level, prefetch, threads, x, rows, w, weights, out, scratch);
+    }
     if rows <= GEMV_MAX_ROWS {
         gemv(level, prefetch, threads, x, rows, w, out);
     } else {
         gemm_any(level, threads, x, rows, w, out, scratch);
+    }
+}
+
+/// bf16 weights meet activations rounded to bf16 (see `bf16_products`): `vdpbf16ps` for prefill
+/// where the CPU has it, otherwise the f32 paths on the rounded activations, which compute the
+/// same products.
+#[allow(clippy::too_many_arguments)]
+fn bf16_weight_product(level: SimdLevel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, weights: &[u16], out: &mut [f32], scratch: &mut Vec<f32>) {
+    if rows > GEMV_MAX_ROWS && bf16_products::bf16_kernel_available(level) {
+        let mut bits = vec![0u16; x.len()];
+        bf16_products::to_bf16_bits(level, x, &mut bits);
+        bf16_products::gemm_bf16(level, threads, &bits, rows, w.cols, weights, w.rows, out);
+        return;
+    }
+    let mut rounded = x.to_vec();
+    rounded.par_chunks_mut(1 << 14).for_each(bf16_products::round_in_place);
+    if rows <= GEMV_MAX_ROWS {
+        gemv(level, prefetch, threads, &rounded, rows, w, out);
+    } else {
+        gemm_any(level, threads, &rounded, rows, w, out, scratch);
     }
 }
 
@@ -385,8 +409,11 @@ mod tests {
             ];
             for rows in [1usize, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 33] {
                 let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                // bf16 weights meet activations rounded to bf16 (on every path and row count).
+                let x_bf16: Vec<f32> = x.iter().map(|&v| bf16_products::round_to_bf16_value(v)).collect();
                 for (matrix, widened) in &variants {
-                    let want = naive(&x, rows, widened, n, k);
+                    let input = if matches!(matrix.data, WeightData::BF16(_)) { &x_bf16 } else { &x };
+                    let want = naive(input, rows, widened, n, k);
                     for level in SimdLevel::all_supported() {
                         let mut out = vec![f32::NAN; rows * n];
                         pool.install(|| matmul(level, 2, &x, rows, matrix, &mut out));

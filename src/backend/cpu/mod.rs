@@ -1,8 +1,10 @@
-//! The CPU backend: f32 activations, f32/bf16/f16 or Q8_0/Q4_0/Q4_1 block-quantized weights,
-//! AVX-512/AVX2/scalar chosen at run time, and a rayon pool of its own (no global pool).
+//! The CPU backend: f32 activations (rounded to bf16 where they meet bf16 weights), f32/bf16/f16
+//! or Q8_0/Q4_0/Q4_1 block-quantized weights, AVX-512/AVX2/scalar chosen at run time, and a rayon
+//! pool of its own (no global pool).
 
 pub mod attention;
 pub mod attention_simd;
+pub mod bf16_products;
 pub mod buffer;
 pub mod matmul;
 pub mod quant;

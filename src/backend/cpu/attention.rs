@@ -346,15 +346,6 @@ fn attend_rows(
     }
 }
 
-fn softmax_in_place(level: SimdLevel, scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let total = simd::exp_scaled_in_place(level, scores, 1.0, max);
-    let inv = 1.0 / total;
-    for s in scores.iter_mut() {
-        *s *= inv;
-    }
-}
-
 /// A run of consecutive positions of one slot: per head, two gemms over the cache.
 #[allow(clippy::too_many_arguments)]
 fn attend_run(
@@ -396,18 +387,24 @@ fn attend_run(
             let k_t = MatRef { data: keys_t, rows: hd, cols: seen, row_stride: context, col_stride: 1 };
             let mut scores = vec![0.0f32; rows * seen];
             gemm_strided(1, q, k_t, &mut scores, seen, false);
+            // The scale goes into the exponent and the normalization onto the output row (64
+            // values instead of `seen`): one pass over the scores instead of three. The
+            // exponents are as before, since rounding keeps the order: max(s·c) = max(s)·c.
+            let mut inverse_totals = vec![0.0f32; rows];
             for (i, row) in scores.chunks_mut(seen).enumerate() {
                 let visible = first_pos + i0 + i + 1;
-                for s in row[..visible].iter_mut() {
-                    *s *= scale;
-                }
-                softmax_in_place(level, &mut row[..visible]);
+                let max = simd::max_f32(&row[..visible]);
+                let total = simd::exp_scaled_in_place(level, &mut row[..visible], scale, max * scale);
+                inverse_totals[i] = 1.0 / total;
                 row[visible..].fill(0.0);
             }
             let p = MatRef::dense(&scores, rows, seen);
             let v = MatRef::dense(&values[..seen * hd], seen, hd);
             let mut block_out = vec![0.0f32; rows * hd];
             gemm_strided(1, p, v, &mut block_out, hd, false);
+            for (row, inverse) in block_out.chunks_mut(hd).zip(inverse_totals) {
+                row.iter_mut().for_each(|o| *o *= inverse);
+            }
             block_out
         })
         .collect();

@@ -227,6 +227,19 @@ pub fn silu_mul(level: SimdLevel, gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The largest of `x` (−∞ when empty; NaNs are skipped). Sixteen running maxima that the
+/// compiler keeps in one vector register, where a plain `fold(f32::max)` stays scalar.
+pub fn max_f32(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
 /// Σ x_i².
 pub fn sum_squares(level: SimdLevel, x: &[f32]) -> f32 {
     dot_f32(level, x, x)
@@ -631,6 +644,23 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_matches_a_scalar_fold_at_awkward_lengths() {
+        let values: Vec<f32> = (0..203).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37).collect();
+        for len in [0usize, 1, 5, 15, 16, 17, 33, 100, 203] {
+            let x = &values[..len];
+            let expected = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_f32(x), expected, "length {len}");
+        }
+        // The largest value last, in the remainder, and first.
+        let mut x = vec![-1.0f32; 40];
+        for at in [0, 15, 16, 39] {
+            x.iter_mut().for_each(|v| *v = -1.0);
+            x[at] = 3.5;
+            assert_eq!(max_f32(&x), 3.5, "largest at {at}");
+        }
+    }
 
     #[test]
     fn prefetch_changes_nothing_for_any_slice() {

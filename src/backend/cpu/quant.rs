@@ -941,64 +941,83 @@ mod x86 {
         let ones = _mm256_set1_epi16(1);
         let flip = _mm256_set1_epi8(-128);
         let mut out = [[0.0f32; ROW_GROUP]; T];
-        // The group as two halves of 8 rows (32 bytes of every 64-byte vector).
-        for half in 0..2 {
-            let mut sums = [_mm256_setzero_ps(); T];
-            let mut offsets = [_mm256_setzero_ps(); T];
-            for b in 0..w.blocks {
-                let unit = g * w.blocks + b;
-                let lanes = unit * ROW_GROUP + half * 8;
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.scales.as_ptr().add(lanes) as *const __m128i));
-                let offset_scale =
-                    if format == BlockFormat::Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(w.minimums.as_ptr().add(lanes) as *const __m128i)) } else { d };
-                let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
-                if half == 0 {
-                    prefetch_ahead(base, unit_bytes, prefetch);
+        // The group as two halves of 8 rows (32 bytes of every 64-byte vector): block `b`'s half
+        // of the sums.
+        let mut sums = [[_mm256_setzero_ps(); T]; 2];
+        let mut offsets = [[_mm256_setzero_ps(); T]; 2];
+        let mut block_half = |b: usize, half: usize| {
+            let unit = g * w.blocks + b;
+            let lanes = unit * ROW_GROUP + half * 8;
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(w.scales.as_ptr().add(lanes) as *const __m128i));
+            let offset_scale =
+                if format == BlockFormat::Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(w.minimums.as_ptr().add(lanes) as *const __m128i)) } else { d };
+            let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
+            let vectors: [__m256i; 8] = match format {
+                // Back to signed weights: 255·127·2 would overflow vpmaddubsw's i16.
+                BlockFormat::Q8_0 => std::array::from_fn(|k| _mm256_xor_si256(_mm256_loadu_si256(base.add(k * 64) as *const __m256i), flip)),
+                _ => nibbles_256(base),
+            };
+            let vectors = if format == BlockFormat::Q5_0 {
+                // Bit k of each byte of the fifth-bit vector belongs to weight vector k.
+                let bits = _mm256_loadu_si256(base.add(4 * 64) as *const __m256i);
+                let high: [__m256i; 8] = [
+                    _mm256_slli_epi16::<4>(bits),
+                    _mm256_slli_epi16::<3>(bits),
+                    _mm256_slli_epi16::<2>(bits),
+                    _mm256_slli_epi16::<1>(bits),
+                    bits,
+                    _mm256_srli_epi16::<1>(bits),
+                    _mm256_srli_epi16::<2>(bits),
+                    _mm256_srli_epi16::<3>(bits),
+                ];
+                std::array::from_fn(|k| _mm256_or_si256(vectors[k], _mm256_and_si256(high[k], _mm256_set1_epi8(0x10))))
+            } else {
+                vectors
+            };
+            for t in 0..T {
+                let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
+                let mut acc = _mm256_setzero_si256();
+                for (k, &v) in vectors.iter().enumerate() {
+                    let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(k)));
+                    let pairs = if format == BlockFormat::Q8_0 {
+                        // |w| · (x with w's sign): the unsigned × signed form vpmaddubsw takes.
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
+                    } else {
+                        _mm256_maddubs_epi16(v, xv)
+                    };
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
                 }
-                let vectors: [__m256i; 8] = match format {
-                    // Back to signed weights: 255·127·2 would overflow vpmaddubsw's i16.
-                    BlockFormat::Q8_0 => std::array::from_fn(|k| _mm256_xor_si256(_mm256_loadu_si256(base.add(k * 64) as *const __m256i), flip)),
-                    _ => nibbles_256(base),
-                };
-                let vectors = if format == BlockFormat::Q5_0 {
-                    // Bit k of each byte of the fifth-bit vector belongs to weight vector k.
-                    let bits = _mm256_loadu_si256(base.add(4 * 64) as *const __m256i);
-                    let high: [__m256i; 8] = [
-                        _mm256_slli_epi16::<4>(bits),
-                        _mm256_slli_epi16::<3>(bits),
-                        _mm256_slli_epi16::<2>(bits),
-                        _mm256_slli_epi16::<1>(bits),
-                        bits,
-                        _mm256_srli_epi16::<1>(bits),
-                        _mm256_srli_epi16::<2>(bits),
-                        _mm256_srli_epi16::<3>(bits),
-                    ];
-                    std::array::from_fn(|k| _mm256_or_si256(vectors[k], _mm256_and_si256(high[k], _mm256_set1_epi8(0x10))))
-                } else {
-                    vectors
-                };
-                for t in 0..T {
-                    let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
-                    let mut acc = _mm256_setzero_si256();
-                    for (k, &v) in vectors.iter().enumerate() {
-                        let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(k)));
-                        let pairs = if format == BlockFormat::Q8_0 {
-                            // |w| · (x with w's sign): the unsigned × signed form vpmaddubsw takes.
-                            _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
-                        } else {
-                            _mm256_maddubs_epi16(v, xv)
-                        };
-                        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x[t].scales.get_unchecked(b)));
+                sums[half][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, sums[half][t]);
+                offsets[half][t] = _mm256_fmadd_ps(offset_scale, _mm256_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[half][t]);
+            }
+        };
+        let prefetch_block = |b: usize| prefetch_ahead(w.quants.as_ptr().add((g * w.blocks + b) * unit_bytes), unit_bytes, prefetch);
+        if T == 1 {
+            // Decode: both halves in one pass over the blocks, so that the weight stream never
+            // waits for a second pass from L1 (Q8_0 decode 11-12% faster, Q4_1 7%).
+            for b in 0..w.blocks {
+                prefetch_block(b);
+                block_half(b, 0);
+                block_half(b, 1);
+            }
+        } else {
+            // Several rows: a pass per half keeps the accumulators in registers (one pass
+            // spilled them and measured up to 12% slower in prefill).
+            for half in 0..2 {
+                for b in 0..w.blocks {
+                    if half == 0 {
+                        prefetch_block(b);
                     }
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x[t].scales.get_unchecked(b)));
-                    sums[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, sums[t]);
-                    offsets[t] = _mm256_fmadd_ps(offset_scale, _mm256_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[t]);
+                    block_half(b, half);
                 }
             }
-            // Q8_0 was turned back into signed weights above: nothing to remove.
-            let factor = _mm256_set1_ps(if format == BlockFormat::Q8_0 { 0.0 } else { format.offset_factor() });
+        }
+        // Q8_0 was turned back into signed weights above: nothing to remove.
+        let factor = _mm256_set1_ps(if format == BlockFormat::Q8_0 { 0.0 } else { format.offset_factor() });
+        for half in 0..2 {
             for t in 0..T {
-                _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), _mm256_fmadd_ps(offsets[t], factor, sums[t]));
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), _mm256_fmadd_ps(offsets[half][t], factor, sums[half][t]));
             }
         }
         out

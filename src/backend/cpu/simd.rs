@@ -210,6 +210,9 @@ pub fn exp_scaled_in_place(level: SimdLevel, values: &mut [f32], scale: f32, shi
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see dot_f32.
         SimdLevel::Avx512 => unsafe { x86::exp_scaled_in_place_avx512(values, scale, shift) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx2 => unsafe { x86::exp_scaled_in_place_avx2(values, scale, shift) },
         _ => scalar::exp_scaled_in_place(values, scale, shift),
     }
 }
@@ -223,6 +226,9 @@ pub fn silu_mul(level: SimdLevel, gate: &[f32], up: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see dot_f32.
         SimdLevel::Avx512 => unsafe { x86::silu_mul_avx512(gate, up, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see dot_f32.
+        SimdLevel::Avx2 => unsafe { x86::silu_mul_avx2(gate, up, out) },
         _ => scalar::silu_mul(gate, up, out),
     }
 }
@@ -631,6 +637,53 @@ mod x86 {
             let v = silu_mul16(_mm512_maskz_loadu_ps(mask, pg.add(i)), _mm512_maskz_loadu_ps(mask, pu.add(i)));
             _mm512_mask_storeu_ps(po.add(i), mask, v);
         }
+    }
+
+    /// [`exp16`] on 8 lanes, with `2^n` built in the exponent bits instead of `vscalefps`: the
+    /// argument is clamped to [-87, 88.7] so that those bits stay in range, which makes e^x
+    /// +inf from 88.38 instead of near f32::MAX (softmax arguments are ≤ 0, and SiLU's
+    /// g / (1 + e^-g) is -0 either way).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.7));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let two_to_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+        _mm256_mul_ps(p, two_to_n)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_scaled_in_place_avx2(values: &mut [f32], scale: f32, shift: f32) -> f32 {
+        let (vs, vshift) = (_mm256_set1_ps(scale), _mm256_set1_ps(shift));
+        let mut total = _mm256_setzero_ps();
+        // The argument is rounded as the scalar path rounds it (no fused multiply-subtract).
+        let mut chunks = values.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            let e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(chunk.as_ptr()), vs), vshift));
+            _mm256_storeu_ps(chunk.as_mut_ptr(), e);
+            total = _mm256_add_ps(total, e);
+        }
+        hsum256(total) + super::scalar::exp_scaled_in_place(chunks.into_remainder(), scale, shift)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let (pg, pu, po) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            let (g, u) = (_mm256_loadu_ps(pg.add(i)), _mm256_loadu_ps(pu.add(i)));
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            _mm256_storeu_ps(po.add(i), _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0), e)), u));
+            i += 8;
+        }
+        super::scalar::silu_mul(&gate[i..], &up[i..], &mut out[i..]);
     }
 
     /// The lanes of vector `v` (of a run of 16-float vectors) that fall inside `len` values.

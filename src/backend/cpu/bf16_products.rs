@@ -14,6 +14,7 @@
 
 use rayon::prelude::*;
 
+use super::simd::scalar::bf16_bits_to_f32 as widen_bf16;
 use super::simd::SimdLevel;
 
 /// f32 → bf16 bits, rounding to nearest even; subnormals become zero of the same sign, NaN
@@ -32,7 +33,7 @@ pub fn bf16_bits_of(x: f32) -> u16 {
 
 /// `x` rounded to the nearest bf16 value, kept as f32 (see [`bf16_bits_of`]).
 pub fn round_to_bf16_value(x: f32) -> f32 {
-    f32::from_bits((bf16_bits_of(x) as u32) << 16)
+    widen_bf16(bf16_bits_of(x))
 }
 
 /// Whether this CPU has the AVX-512 BF16 instructions (besides the AVX-512 F/BW the kernel uses).
@@ -89,28 +90,6 @@ const WEIGHT_BLOCK: usize = 64;
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(level: SimdLevel, threads: usize, x: &[u16], m: usize, k: usize, w: &[u16], n: usize, out: &mut [f32]) {
     assert!(bf16_kernel_available(level), "the bf16 gemm needs AVX-512 BF16");
-    tiled_gemm(threads, x, m, k, w, n, out, |w_rows, x_rows| {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: checked AVX-512 BF16 above; tiled_gemm passes rows of k values each.
-        return unsafe { x86::tile_bf16(w_rows.map(|r| r.as_ptr()), x_rows.map(|r| r.as_ptr()), k) };
-        #[cfg(not(target_arch = "x86_64"))]
-        tile_reference_bf16(w_rows, x_rows)
-    });
-}
-
-/// The tile loop: `tile(w_rows, x_rows)` gives `sums[a * 4 + r] = w_rows[r] ·
-/// x_rows[a]` for rows of `k` values.
-#[allow(clippy::too_many_arguments)]
-fn tiled_gemm<X: Sync, W: Sync>(
-    threads: usize,
-    x: &[X],
-    m: usize,
-    k: usize,
-    w: &[W],
-    n: usize,
-    out: &mut [f32],
-    tile: impl Fn([&[W]; TILE], [&[X]; TILE]) -> [f32; TILE * TILE] + Sync,
-) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "bf16 gemm operands too small");
     if m == 0 || n == 0 {
         return;
@@ -130,13 +109,13 @@ fn tiled_gemm<X: Sync, W: Sync>(
             for a0 in (0..rows).step_by(TILE) {
                 let a_take = (rows - a0).min(TILE);
                 // Short tiles repeat their last row; only the real rows are stored.
-                let x_rows: [&[X]; TILE] = std::array::from_fn(|i| {
+                let x_rows: [&[u16]; TILE] = std::array::from_fn(|i| {
                     let r = first + a0 + i.min(a_take - 1);
                     &x[r * k..(r + 1) * k]
                 });
                 for r0 in (block..block_end).step_by(TILE) {
                     let r_take = (block_end - r0).min(TILE);
-                    let w_rows: [&[W]; TILE] = std::array::from_fn(|i| {
+                    let w_rows: [&[u16]; TILE] = std::array::from_fn(|i| {
                         let r = r0 + i.min(r_take - 1);
                         &w[r * k..(r + 1) * k]
                     });
@@ -151,8 +130,21 @@ fn tiled_gemm<X: Sync, W: Sync>(
     });
 }
 
-fn widen_bf16(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
+/// `sums[a * 4 + r] = w_rows[r] · x_rows[a]` (all rows of one length).
+fn tile(w_rows: [&[u16]; TILE], x_rows: [&[u16]; TILE]) -> [f32; TILE * TILE] {
+    let k = w_rows[0].len();
+    assert!(w_rows.iter().chain(&x_rows).all(|r| r.len() == k), "bf16 tile rows differ in length");
+    #[cfg(target_arch = "x86_64")]
+    {
+        debug_assert!(has_avx512_bf16());
+        // SAFETY: only `gemm_bf16` calls this, after bf16_kernel_available; the rows all hold
+        // k values.
+        unsafe { x86::tile_bf16(w_rows.map(|r| r.as_ptr()), x_rows.map(|r| r.as_ptr()), k) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        tile_reference_bf16(w_rows, x_rows)
+    }
 }
 
 /// The scalar reference of a bf16 tile: widened products summed in f32.

@@ -180,11 +180,19 @@ fn bf16_weight_product(level: SimdLevel, prefetch: StreamPrefetch, threads: usiz
         bf16_products::gemm_bf16(level, threads, &bits, rows, w.cols, weights, w.rows, out);
         return;
     }
-    let mut rounded = x.to_vec();
-    rounded.par_chunks_mut(1 << 14).for_each(bf16_products::round_in_place);
+    let round = |rounded: &mut [f32]| {
+        rounded.copy_from_slice(x);
+        rounded.par_chunks_mut(1 << 14).for_each(bf16_products::round_in_place);
+    };
     if rows <= GEMV_MAX_ROWS {
-        gemv(level, prefetch, threads, &rounded, rows, w, out);
+        // Decode: the widening scratch is idle on this path, so the rounded rows go there
+        // instead of a fresh allocation per product.
+        scratch.resize(scratch.len().max(x.len()), 0.0);
+        round(&mut scratch[..x.len()]);
+        gemv(level, prefetch, threads, &scratch[..x.len()], rows, w, out);
     } else {
+        let mut rounded = vec![0.0f32; x.len()];
+        round(&mut rounded);
         gemm_any(level, threads, &rounded, rows, w, out, scratch);
     }
 }

@@ -995,7 +995,7 @@ mod x86 {
         let prefetch_block = |b: usize| prefetch_ahead(w.quants.as_ptr().add((g * w.blocks + b) * unit_bytes), unit_bytes, prefetch);
         if T == 1 {
             // Decode: both halves in one pass over the blocks, so that the weight stream never
-            // waits for a second pass from L1 (Q8_0 decode 11-12% faster, Q4_1 7%).
+            // waits for a second pass from L1 (Q8_0 decode 7-12% faster, Q4_1 0-7%).
             for b in 0..w.blocks {
                 prefetch_block(b);
                 block_half(b, 0);

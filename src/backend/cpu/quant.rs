@@ -53,6 +53,7 @@
 //! Rows are padded to a whole group with zero scales; their outputs are never written.
 
 use half::f16;
+use rayon::prelude::*;
 
 use crate::model::quant::{
     dequantize_blocks_into, q4_k_scale_min, q6_k_quant, GgmlType, BLOCK_Q4_0_BYTES, BLOCK_Q4_1_BYTES, BLOCK_Q4_K_BYTES, BLOCK_Q5_0_BYTES,
@@ -518,23 +519,18 @@ impl Q8Activations {
             scaled_sums: vec![0.0; rows * blocks],
             half_sums: vec![0; 2 * rows * blocks],
         };
-        for (b, chunk) in x[..rows * cols].chunks_exact(QK).enumerate() {
-            let amax = chunk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-            // Adding and subtracting 1.5·2²³ rounds |v| < 2²² to the nearest integer (ties to
-            // even) in plain SSE2 arithmetic, which the compiler vectorizes; `f32::round` is a
-            // libm call per element (8% of a prefill in perf).
-            const ROUNDER: f32 = 12_582_912.0;
-            let mut halves = [0i32; 2];
-            for (e, (q, v)) in out.qs[b * QK..(b + 1) * QK].iter_mut().zip(chunk).enumerate() {
-                *q = ((v * inverse + ROUNDER) - ROUNDER) as i8;
-                halves[e / 16] += *q as i32;
-            }
-            out.scales[b] = d;
-            out.scaled_sums[b] = d * (halves[0] + halves[1]) as f32;
-            out.half_sums[2 * b..2 * b + 2].copy_from_slice(&halves);
-        }
+        // Prefill rows are split over the pool (one thread quantizing 512 rows left the other
+        // waiting for 4% of a Q8_0 prefill); a decode row is too small to share.
+        const ROWS_PER_TASK: usize = 16;
+        let chunks = out
+            .qs
+            .par_chunks_mut(cols * ROWS_PER_TASK)
+            .zip(out.scales.par_chunks_mut(blocks * ROWS_PER_TASK))
+            .zip(out.scaled_sums.par_chunks_mut(blocks * ROWS_PER_TASK))
+            .zip(out.half_sums.par_chunks_mut(2 * blocks * ROWS_PER_TASK))
+            .zip(x[..rows * cols].par_chunks(cols * ROWS_PER_TASK));
+        let level = SimdLevel::detect();
+        chunks.for_each(|((((qs, scales), scaled_sums), half_sums), x)| quantize_blocks(level, x, qs, scales, scaled_sums, half_sums));
         out
     }
 
@@ -547,6 +543,68 @@ impl Q8Activations {
             scaled_sums: &self.scaled_sums[r * b..(r + 1) * b],
             half_sums: &self.half_sums[2 * r * b..2 * (r + 1) * b],
         }
+    }
+}
+
+/// Quantizes the 32-element blocks of `x` into `qs` and their per-block figures (see
+/// [`Q8Activations`]), with the CPU's widest vectors.
+fn quantize_blocks(level: SimdLevel, x: &[f32], qs: &mut [i8], scales: &mut [f32], scaled_sums: &mut [f32], half_sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: AVX2 and FMA are present at this level.
+        return unsafe { quantize_blocks_avx2(x, qs, scales, scaled_sums, half_sums) };
+    }
+    let _ = level;
+    quantize_blocks_portable(x, qs, scales, scaled_sums, half_sums)
+}
+
+/// [`quantize_blocks_portable`] compiled for AVX2: the same code, vectorized 8 wide (the
+/// baseline build's SSE2 left activation quantization at 5-6% of a Q8_0 prefill).
+///
+/// Safety: AVX2 and FMA must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_blocks_avx2(x: &[f32], qs: &mut [i8], scales: &mut [f32], scaled_sums: &mut [f32], half_sums: &mut [i32]) {
+    quantize_blocks_portable(x, qs, scales, scaled_sums, half_sums)
+}
+
+/// The quantizer, written so that it vectorizes: no branches, no saturating casts.
+#[inline(always)]
+fn quantize_blocks_portable(x: &[f32], qs: &mut [i8], scales: &mut [f32], scaled_sums: &mut [f32], half_sums: &mut [i32]) {
+    // Adding 1.5·2²³ rounds |v| < 2²² to the nearest integer (ties to even) and leaves it in
+    // the low mantissa bits, read back with an integer subtraction (`f32::round` is a libm call
+    // per element; `as i8` a saturating cast per element).
+    const ROUNDER: f32 = 12_582_912.0;
+    for (b, (chunk, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+        // Running maxima in lanes (NaNs skipped, as `f32::max` skips them).
+        let mut lanes = [0.0f32; 8];
+        for eight in chunk.chunks_exact(8) {
+            for (m, &v) in lanes.iter_mut().zip(eight) {
+                let magnitude = v.abs();
+                *m = if magnitude > *m { magnitude } else { *m };
+            }
+        }
+        let amax = lanes.iter().fold(0.0f32, |m, &v| if v > m { v } else { m });
+        let d = amax / 127.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut halves = [0i32; 2];
+        for (h, (sixteen, q)) in chunk.chunks_exact(16).zip(q.chunks_exact_mut(16)).enumerate() {
+            for (q, &v) in q.iter_mut().zip(sixteen) {
+                // Saturated as `as i8` saturates (a subnormal scale makes `inverse` infinite).
+                let scaled = v * inverse;
+                let scaled = if scaled > 127.0 { 127.0 } else { scaled };
+                let scaled = if scaled < -128.0 { -128.0 } else { scaled };
+                let shifted = scaled + ROUNDER;
+                let value = (shifted.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
+                // NaN (from a NaN or infinite input) gives 0, as `as i8` would.
+                let value = if shifted == shifted { value } else { 0 };
+                *q = value as i8;
+                halves[h] += value;
+            }
+        }
+        scales[b] = d;
+        scaled_sums[b] = d * (halves[0] + halves[1]) as f32;
+        half_sums[2 * b..2 * b + 2].copy_from_slice(&halves);
     }
 }
 
@@ -936,88 +994,134 @@ mod x86 {
     /// holds `w.blocks` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_avx2<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T], prefetch: StreamPrefetch) -> [[f32; ROW_GROUP]; T] {
-        let format = w.format;
-        let unit_bytes = format.group_block_bytes();
+        // One kernel per format, so that its tests fold and each inner loop holds only its own
+        // work (a run-time format made one closure per block half: perf showed its storage
+        // matches and its spilled sums around every 8 vectors).
+        match w.format {
+            BlockFormat::Q8_0 => group_avx2_of::<T, { BlockFormat::Q8_0 as u8 }>(w, g, x, prefetch),
+            BlockFormat::Q4_0 => group_avx2_of::<T, { BlockFormat::Q4_0 as u8 }>(w, g, x, prefetch),
+            BlockFormat::Q4_1 => group_avx2_of::<T, { BlockFormat::Q4_1 as u8 }>(w, g, x, prefetch),
+            BlockFormat::Q5_0 => group_avx2_of::<T, { BlockFormat::Q5_0 as u8 }>(w, g, x, prefetch),
+            BlockFormat::Q4_K | BlockFormat::Q6_K => unreachable!("K formats take group_avx2_k"),
+        }
+    }
+
+    /// Weight vector `k` (0..8: elements 4k..4k+4 of each of 8 rows) of a half unit at `base`,
+    /// as the unsigned bytes `vpmaddubsw` takes; for Q8_0 the signed weights (`q + 128` flipped
+    /// back: unsigned, 255·127·2 would overflow its i16 sums).
+    ///
+    /// Safety: AVX2 must be present and `base` must point at the half unit of a block of
+    /// format `FORMAT` (4, 5 or 8 vectors 64 bytes apart of 32 readable bytes each).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn weight_vector_256<const FORMAT: u8>(base: *const u8, k: usize) -> __m256i {
+        let load = |j: usize| _mm256_loadu_si256(base.add(j * 64) as *const __m256i);
+        if FORMAT == BlockFormat::Q8_0 as u8 {
+            return _mm256_xor_si256(load(k), _mm256_set1_epi8(-128));
+        }
+        let low = _mm256_set1_epi8(0x0F);
+        let nibbles = if k < 4 { _mm256_and_si256(load(k), low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(load(k - 4)), low) };
+        if FORMAT != BlockFormat::Q5_0 as u8 {
+            return nibbles;
+        }
+        // Bit k of each byte of the fifth-bit vector belongs to weight vector k: bring it to 4.
+        let bits = load(4);
+        let high = match k {
+            0 => _mm256_slli_epi16::<4>(bits),
+            1 => _mm256_slli_epi16::<3>(bits),
+            2 => _mm256_slli_epi16::<2>(bits),
+            3 => _mm256_slli_epi16::<1>(bits),
+            4 => bits,
+            5 => _mm256_srli_epi16::<1>(bits),
+            6 => _mm256_srli_epi16::<2>(bits),
+            _ => _mm256_srli_epi16::<3>(bits),
+        };
+        _mm256_or_si256(nibbles, _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
+    }
+
+    /// [`group_avx2`] for one 32-element format (`FORMAT` is a `BlockFormat as u8`).
+    ///
+    /// Safety: as [`group_avx2`], and `w.format` is `FORMAT`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_avx2_of<const T: usize, const FORMAT: u8>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T], prefetch: StreamPrefetch) -> [[f32; ROW_GROUP]; T] {
+        let q8 = FORMAT == BlockFormat::Q8_0 as u8;
+        let blocks = w.blocks;
+        let unit_bytes = w.format.group_block_bytes();
+        // Raw pointers taken once: a weight buffer's deref matches on its storage.
+        let scales = w.scales.as_ptr().add(g * blocks * ROW_GROUP);
+        let quants = w.quants.as_ptr().add(g * blocks * unit_bytes);
+        let x_quants: [*const i32; T] = std::array::from_fn(|t| x[t].qs.as_ptr() as *const i32);
+        let x_scales: [*const f32; T] = std::array::from_fn(|t| x[t].scales.as_ptr());
         let ones = _mm256_set1_epi16(1);
-        let flip = _mm256_set1_epi8(-128);
-        let mut out = [[0.0f32; ROW_GROUP]; T];
-        // The group as two halves of 8 rows (32 bytes of every 64-byte vector): block `b`'s half
-        // of the sums.
-        let mut sums = [[_mm256_setzero_ps(); T]; 2];
-        let mut offsets = [[_mm256_setzero_ps(); T]; 2];
-        let mut block_half = |b: usize, half: usize| {
-            let unit = g * w.blocks + b;
-            let lanes = unit * ROW_GROUP + half * 8;
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(w.scales.as_ptr().add(lanes) as *const __m128i));
-            let offset_scale =
-                if format == BlockFormat::Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(w.minimums.as_ptr().add(lanes) as *const __m128i)) } else { d };
-            let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
-            let vectors: [__m256i; 8] = match format {
-                // Back to signed weights: 255·127·2 would overflow vpmaddubsw's i16.
-                BlockFormat::Q8_0 => std::array::from_fn(|k| _mm256_xor_si256(_mm256_loadu_si256(base.add(k * 64) as *const __m256i), flip)),
-                _ => nibbles_256(base),
-            };
-            let vectors = if format == BlockFormat::Q5_0 {
-                // Bit k of each byte of the fifth-bit vector belongs to weight vector k.
-                let bits = _mm256_loadu_si256(base.add(4 * 64) as *const __m256i);
-                let high: [__m256i; 8] = [
-                    _mm256_slli_epi16::<4>(bits),
-                    _mm256_slli_epi16::<3>(bits),
-                    _mm256_slli_epi16::<2>(bits),
-                    _mm256_slli_epi16::<1>(bits),
-                    bits,
-                    _mm256_srli_epi16::<1>(bits),
-                    _mm256_srli_epi16::<2>(bits),
-                    _mm256_srli_epi16::<3>(bits),
-                ];
-                std::array::from_fn(|k| _mm256_or_si256(vectors[k], _mm256_and_si256(high[k], _mm256_set1_epi8(0x10))))
-            } else {
-                vectors
-            };
-            for t in 0..T {
-                let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
-                let mut acc = _mm256_setzero_si256();
-                for (k, &v) in vectors.iter().enumerate() {
-                    let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(k)));
-                    let pairs = if format == BlockFormat::Q8_0 {
-                        // |w| · (x with w's sign): the unsigned × signed form vpmaddubsw takes.
-                        _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
-                    } else {
-                        _mm256_maddubs_epi16(v, xv)
-                    };
-                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+        // Block `b`'s integer sums for half `half` (8 rows) of the group, per activation row.
+        // The weight vectors stream through one register each, activation rows inside: the
+        // accumulators and the running sums are all that stays live.
+        let block_sums = |b: usize, half: usize| -> [__m256i; T] {
+            let base = quants.add(b * unit_bytes + half * 32);
+            let mut acc = [_mm256_setzero_si256(); T];
+            for k in 0..8 {
+                let v = weight_vector_256::<FORMAT>(base, k);
+                // Q8_0: |w| · (x with w's sign), the unsigned × signed form vpmaddubsw takes.
+                let magnitude = if q8 { _mm256_sign_epi8(v, v) } else { v };
+                for t in 0..T {
+                    let xv = _mm256_set1_epi32(std::ptr::read_unaligned(x_quants[t].add(b * 8 + k)));
+                    let xv = if q8 { _mm256_sign_epi8(xv, v) } else { xv };
+                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones));
                 }
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x[t].scales.get_unchecked(b)));
-                sums[half][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, sums[half][t]);
-                offsets[half][t] = _mm256_fmadd_ps(offset_scale, _mm256_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[half][t]);
+            }
+            acc
+        };
+        let mut sums = [[_mm256_setzero_ps(); T]; 2];
+        let mut add_scaled = |b: usize, half: usize, acc: [__m256i; T]| {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * ROW_GROUP + half * 8) as *const __m128i));
+            for t in 0..T {
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x_scales[t].add(b)));
+                sums[half][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), scale, sums[half][t]);
             }
         };
-        let prefetch_block = |b: usize| prefetch_ahead(w.quants.as_ptr().add((g * w.blocks + b) * unit_bytes), unit_bytes, prefetch);
         if T == 1 {
             // Decode: both halves in one pass over the blocks, so that the weight stream never
             // waits for a second pass from L1 (Q8_0 decode 7-12% faster, Q4_1 0-7%).
-            for b in 0..w.blocks {
-                prefetch_block(b);
-                block_half(b, 0);
-                block_half(b, 1);
+            for b in 0..blocks {
+                prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
+                for half in 0..2 {
+                    let acc = block_sums(b, half);
+                    add_scaled(b, half, acc);
+                }
             }
         } else {
-            // Several rows: a pass per half keeps the accumulators in registers (one pass
-            // spilled them and measured up to 12% slower in prefill).
+            // Several rows: a pass per half keeps the accumulators in registers.
             for half in 0..2 {
-                for b in 0..w.blocks {
+                for b in 0..blocks {
                     if half == 0 {
-                        prefetch_block(b);
+                        prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
                     }
-                    block_half(b, half);
+                    let acc = block_sums(b, half);
+                    add_scaled(b, half, acc);
                 }
             }
         }
-        // Q8_0 was turned back into signed weights above: nothing to remove.
-        let factor = _mm256_set1_ps(if format == BlockFormat::Q8_0 { 0.0 } else { format.offset_factor() });
+        let mut out = [[0.0f32; ROW_GROUP]; T];
         for half in 0..2 {
             for t in 0..T {
-                _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), _mm256_fmadd_ps(offsets[half][t], factor, sums[half][t]));
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), sums[half][t]);
+            }
+        }
+        if !q8 {
+            // The offsets (Q4_1's minimums, Q4_0's 8·d, Q5_0's 16·d) times each block's scaled
+            // activation sum, after the main loop: its registers stay free for the products.
+            let offset_scales = if FORMAT == BlockFormat::Q4_1 as u8 { w.minimums.as_ptr().add(g * blocks * ROW_GROUP) } else { scales };
+            let factor = _mm256_set1_ps(w.format.offset_factor());
+            for (t, row) in x.iter().enumerate() {
+                for half in 0..2 {
+                    let mut offsets = _mm256_setzero_ps();
+                    for b in 0..blocks {
+                        let scale = _mm256_cvtph_ps(_mm_loadu_si128(offset_scales.add(b * ROW_GROUP + half * 8) as *const __m128i));
+                        offsets = _mm256_fmadd_ps(scale, _mm256_set1_ps(*row.scaled_sums.get_unchecked(b)), offsets);
+                    }
+                    let lanes = out[t].as_mut_ptr().add(half * 8);
+                    _mm256_storeu_ps(lanes, _mm256_fmadd_ps(offsets, factor, _mm256_loadu_ps(lanes)));
+                }
             }
         }
         out
@@ -1196,5 +1300,49 @@ mod tests {
                 assert_eq!(row.scaled_sums[b], row.scales[b] * sum as f32);
             }
         }
+    }
+
+    /// The plain reference the vectorized quantizers must match bit for bit.
+    fn quantize_reference(x: &[f32]) -> (Vec<i8>, Vec<f32>, Vec<f32>, Vec<i32>) {
+        let (mut qs, mut scales, mut scaled_sums, mut half_sums) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for chunk in x.chunks_exact(QK) {
+            let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q: Vec<i8> = chunk.iter().map(|v| (v * inverse).round_ties_even() as i8).collect();
+            let halves = [0, 1].map(|h| q[16 * h..16 * h + 16].iter().map(|&v| v as i32).sum::<i32>());
+            scales.push(d);
+            scaled_sums.push(d * (halves[0] + halves[1]) as f32);
+            half_sums.extend(halves);
+            qs.extend(q);
+        }
+        (qs, scales, scaled_sums, half_sums)
+    }
+
+    #[test]
+    fn every_level_quantizes_activations_like_the_reference() {
+        let mut x = random(64 * QK, 21);
+        // Ties (exact halves after scaling), zero blocks, NaN and infinities, tiny values.
+        for (e, v) in x[..QK].iter_mut().enumerate() {
+            *v = (e as f32 - 16.0) * 0.5;
+        }
+        x[QK..2 * QK].fill(0.0);
+        x[2 * QK + 3] = f32::NAN;
+        x[3 * QK + 7] = f32::INFINITY;
+        x[4 * QK + 1] = f32::NEG_INFINITY;
+        x[5 * QK..6 * QK].iter_mut().for_each(|v| *v *= 1e-38);
+        let expected = quantize_reference(&x);
+        for level in SimdLevel::all_supported() {
+            let blocks = x.len() / QK;
+            let (mut qs, mut scales, mut scaled_sums, mut half_sums) = (vec![0i8; x.len()], vec![0.0; blocks], vec![0.0; blocks], vec![0; 2 * blocks]);
+            quantize_blocks(level, &x, &mut qs, &mut scales, &mut scaled_sums, &mut half_sums);
+            assert_eq!(qs, expected.0, "{level}: quants");
+            assert_eq!(scales.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{level}: scales");
+            assert_eq!(scaled_sums.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected.2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{level}: scaled sums");
+            assert_eq!(half_sums, expected.3, "{level}: half sums");
+        }
+        // The parallel split over rows gives the same as one pass.
+        let whole = Q8Activations::quantize(&x, 64, QK);
+        assert_eq!(whole.qs, expected.0);
     }
 }

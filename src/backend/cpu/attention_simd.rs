@@ -201,8 +201,10 @@ mod x86 {
     /// span (often the same thread's next task) but not the cache's unwritten room, which at
     /// short contexts it would read for nothing. (Hints: they never fault; wrapping_add keeps
     /// the pointers defined.)
-    #[inline]
-    #[target_feature(enable = "avx512f")]
+    ///
+    /// Safety: none beyond the caller's (SSE, part of the x86-64 baseline; shared by the AVX-512
+    /// and AVX2 kernels).
+    #[inline(always)]
     unsafe fn prefetch_ahead<T>(p: *const T, end: *const T) {
         _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(NEAR_PREFETCH_BYTES));
         if (p as usize).wrapping_add(FAR_PREFETCH_BYTES) < end as usize {
@@ -211,8 +213,7 @@ mod x86 {
     }
 
     /// [`prefetch_ahead`] for each cache line of the (up to) 64 values of a row from `p`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[inline(always)]
     unsafe fn prefetch_row_ahead<T>(p: *const T, len: usize, end: *const T) {
         for line in (0..len.min(64) * size_of::<T>()).step_by(64) {
             prefetch_ahead((p as *const u8).wrapping_add(line), end as *const u8);
@@ -227,7 +228,7 @@ mod x86 {
 
     macro_rules! group_kernels {
         ($t:ty, $scores:ident, $scores_heads:ident, $values:ident, $values_heads:ident, $load:ident, $load_masked:ident,
-         $scores2:ident, $scores2_heads:ident, $values2:ident, $load8:ident, $axpy8_tail:path) => {
+         $scores2:ident, $scores2_heads:ident, $values2:ident, $values2_heads:ident, $load8:ident, $axpy8_tail:path) => {
             /// `H` heads over every block; `C` accumulators per head (independent FMA chains
             /// over alternate dimensions) so that `H·C ≥ 8` hides the FMA latency. Each key
             /// vector is loaded once and multiplied by every head's broadcast query element.
@@ -357,16 +358,23 @@ mod x86 {
                 }
             }
 
-            /// AVX2: a block of sixteen positions is two vectors; two heads per pass.
+            /// AVX2: a block of sixteen positions is two vectors; up to three heads per pass
+            /// (12 accumulators and the operands fill the 16 registers), prefetching as the
+            /// AVX-512 kernel does (without, a cold span was read at a fraction of the bandwidth).
             #[inline]
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $scores2_heads<const H: usize, const C: usize>(queries: *const f32, hd: usize, keys: *const $t, count: usize, out: *mut f32) {
+            unsafe fn $scores2_heads<const H: usize, const C: usize>(queries: *const f32, hd: usize, keys: *const $t, end: *const $t, count: usize, out: *mut f32) {
                 for block in 0..count.div_ceil(KEY_BLOCK) {
                     let keys = keys.add(block * KEY_BLOCK * hd);
                     let mut acc = [[[_mm256_setzero_ps(); 2]; C]; H];
                     let mut d = 0;
-                    while d + C <= hd {
-                        for (c, lane) in (d..d + C).enumerate() {
+                    while d < hd {
+                        // C dimensions at a time where they remain, then one.
+                        let take = if d + C <= hd { C } else { 1 };
+                        for (c, lane) in (d..d + take).enumerate() {
+                            if (lane * KEY_BLOCK * size_of::<$t>()) % 64 == 0 {
+                                prefetch_ahead(keys.add(lane * KEY_BLOCK), end);
+                            }
                             let k = [$load8(keys.add(lane * KEY_BLOCK)), $load8(keys.add(lane * KEY_BLOCK + 8))];
                             for (h, acc_h) in acc.iter_mut().enumerate() {
                                 let q = _mm256_set1_ps(*queries.add(h * hd + lane));
@@ -374,15 +382,7 @@ mod x86 {
                                 acc_h[c][1] = _mm256_fmadd_ps(q, k[1], acc_h[c][1]);
                             }
                         }
-                        d += C;
-                    }
-                    for lane in d..hd {
-                        let k = [$load8(keys.add(lane * KEY_BLOCK)), $load8(keys.add(lane * KEY_BLOCK + 8))];
-                        for (h, acc_h) in acc.iter_mut().enumerate() {
-                            let q = _mm256_set1_ps(*queries.add(h * hd + lane));
-                            acc_h[0][0] = _mm256_fmadd_ps(q, k[0], acc_h[0][0]);
-                            acc_h[0][1] = _mm256_fmadd_ps(q, k[1], acc_h[0][1]);
-                        }
+                        d += take;
                     }
                     let first = block * KEY_BLOCK;
                     let take = (count - first).min(KEY_BLOCK);
@@ -402,35 +402,82 @@ mod x86 {
                 let heads = queries.len() / hd;
                 let count = out.len() / heads;
                 let (q, k, o) = (queries.as_ptr(), keys.as_ptr(), out.as_mut_ptr());
+                let end = keys.as_ptr_range().end;
                 let mut h = 0;
                 while h < heads {
                     let (q, o) = (q.add(h * hd), o.add(h * count));
-                    match heads - h {
-                        1 => $scores2_heads::<1, 2>(q, hd, k, count, o),
-                        _ => $scores2_heads::<2, 2>(q, hd, k, count, o),
+                    match (heads - h).min(3) {
+                        1 => $scores2_heads::<1, 4>(q, hd, k, end, count, o),
+                        2 => $scores2_heads::<2, 2>(q, hd, k, end, count, o),
+                        _ => $scores2_heads::<3, 2>(q, hd, k, end, count, o),
                     }
-                    h += 2;
+                    h += 3;
                 }
             }
 
-            /// AVX2: one head and one row at a time (the AVX-512 path keeps sums in registers).
+            /// AVX2: `H` heads' sums for `8·V` values of the head dimension at a time, kept in
+            /// registers across all positions (sums in memory, loaded and stored per position,
+            /// made the value pass the slower half of AVX2 decode attention).
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $values2_heads<const H: usize, const V: usize>(weights: *const f32, count: usize, values: *const $t, end: *const $t, hd: usize, c: usize, y: *mut f32) {
+                let mut acc = [[_mm256_setzero_ps(); V]; H];
+                for t in 0..count {
+                    let row = values.add(t * hd + c);
+                    prefetch_row_ahead(row, 8 * V, end);
+                    for v in 0..V {
+                        let r = $load8(row.add(8 * v));
+                        for (h, acc_h) in acc.iter_mut().enumerate() {
+                            acc_h[v] = _mm256_fmadd_ps(_mm256_set1_ps(*weights.add(h * count + t)), r, acc_h[v]);
+                        }
+                    }
+                }
+                for (h, acc_h) in acc.iter().enumerate() {
+                    for (v, &sum) in acc_h.iter().enumerate() {
+                        let at = y.add(h * hd + c + 8 * v);
+                        _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), sum));
+                    }
+                }
+            }
+
             #[target_feature(enable = "avx2,fma,f16c")]
             pub unsafe fn $values2(weights: &[f32], values: &[$t], hd: usize, y: &mut [f32]) {
                 let heads = y.len() / hd;
                 let count = weights.len() / heads;
-                for (h, y) in y.chunks_exact_mut(hd).enumerate() {
-                    for t in 0..count {
-                        let w = weights[h * count + t];
-                        let row = values.get_unchecked(t * hd..(t + 1) * hd);
-                        let wv = _mm256_set1_ps(w);
-                        let mut d = 0;
-                        while d + 8 <= hd {
-                            let r = _mm256_fmadd_ps(wv, $load8(row.as_ptr().add(d)), _mm256_loadu_ps(y.as_ptr().add(d)));
-                            _mm256_storeu_ps(y.as_mut_ptr().add(d), r);
-                            d += 8;
+                let (w, v, o) = (weights.as_ptr(), values.as_ptr(), y.as_mut_ptr());
+                let end = values.as_ptr_range().end;
+                let mut h = 0;
+                while h < heads {
+                    let (w, o) = (w.add(h * count), o.add(h * hd));
+                    let group = (heads - h).min(3);
+                    // 32 dimensions per pass (12 sums for three heads), then 8, then the rest
+                    // one at a time.
+                    let mut c = 0;
+                    while c + 32 <= hd {
+                        match group {
+                            1 => $values2_heads::<1, 4>(w, count, v, end, hd, c, o),
+                            2 => $values2_heads::<2, 4>(w, count, v, end, hd, c, o),
+                            _ => $values2_heads::<3, 4>(w, count, v, end, hd, c, o),
                         }
-                        $axpy8_tail(w, &row[d..], &mut y[d..]);
+                        c += 32;
                     }
+                    while c + 8 <= hd {
+                        match group {
+                            1 => $values2_heads::<1, 1>(w, count, v, end, hd, c, o),
+                            2 => $values2_heads::<2, 1>(w, count, v, end, hd, c, o),
+                            _ => $values2_heads::<3, 1>(w, count, v, end, hd, c, o),
+                        }
+                        c += 8;
+                    }
+                    if c < hd {
+                        for i in 0..group {
+                            let y = std::slice::from_raw_parts_mut(o.add(i * hd + c), hd - c);
+                            for t in 0..count {
+                                $axpy8_tail(*w.add(i * count + t), values.get_unchecked(t * hd + c..(t + 1) * hd), y);
+                            }
+                        }
+                    }
+                    h += 3;
                 }
             }
         };
@@ -443,9 +490,9 @@ mod x86 {
     }
 
     group_kernels!(f32, group_scores_f32_avx512, scores_heads_f32, group_values_f32_avx512, values_heads_f32, load16_f32, load16_f32_masked,
-        group_scores_f32_avx2, scores2_heads_f32, group_values_f32_avx2, load8_f32, axpy_tail);
+        group_scores_f32_avx2, scores2_heads_f32, group_values_f32_avx2, values2_heads_f32, load8_f32, axpy_tail);
     group_kernels!(u16, group_scores_f16_avx512, scores_heads_f16, group_values_f16_avx512, values_heads_f16, load16_f16, load16_f16_masked,
-        group_scores_f16_avx2, scores2_heads_f16, group_values_f16_avx2, load8_f16, axpy_tail);
+        group_scores_f16_avx2, scores2_heads_f16, group_values_f16_avx2, values2_heads_f16, load8_f16, axpy_tail);
 }
 
 #[cfg(test)]

@@ -1053,41 +1053,41 @@ mod x86 {
         let x_quants: [*const i32; T] = std::array::from_fn(|t| x[t].qs.as_ptr() as *const i32);
         let x_scales: [*const f32; T] = std::array::from_fn(|t| x[t].scales.as_ptr());
         let ones = _mm256_set1_epi16(1);
-        // Block `b`'s integer sums for half `half` (8 rows) of the group, per activation row.
-        // The weight vectors stream through one register each, activation rows inside: the
-        // accumulators and the running sums are all that stays live.
-        let block_sums = |b: usize, half: usize| -> [__m256i; T] {
-            let base = quants.add(b * unit_bytes + half * 32);
-            let mut acc = [_mm256_setzero_si256(); T];
-            for k in 0..8 {
-                let v = weight_vector_256::<FORMAT>(base, k);
-                // Q8_0: |w| · (x with w's sign), the unsigned × signed form vpmaddubsw takes.
-                let magnitude = if q8 { _mm256_sign_epi8(v, v) } else { v };
-                for t in 0..T {
-                    let xv = _mm256_set1_epi32(std::ptr::read_unaligned(x_quants[t].add(b * 8 + k)));
-                    let xv = if q8 { _mm256_sign_epi8(xv, v) } else { xv };
-                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones));
-                }
-            }
-            acc
-        };
+        // Block `b`'s integer sums for half `half` (8 rows) of the group, per activation row,
+        // added to that half's running sums. The weight vectors stream through one register
+        // each, activation rows inside: the accumulators and the running sums are all that
+        // stays live. A macro, not a closure: the compiler left the closure uninlined for some
+        // formats, returning its sums through memory and testing the format at run time.
         let mut sums = [[_mm256_setzero_ps(); T]; 2];
-        let mut add_scaled = |b: usize, half: usize, acc: [__m256i; T]| {
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * ROW_GROUP + half * 8) as *const __m128i));
-            for t in 0..T {
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x_scales[t].add(b)));
-                sums[half][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), scale, sums[half][t]);
-            }
-        };
+        macro_rules! add_block {
+            ($b:expr, $half:expr) => {{
+                let (b, half) = ($b, $half);
+                let base = quants.add(b * unit_bytes + half * 32);
+                let mut acc = [_mm256_setzero_si256(); T];
+                for k in 0..8 {
+                    let v = weight_vector_256::<FORMAT>(base, k);
+                    // Q8_0: |w| · (x with w's sign), the unsigned × signed form vpmaddubsw takes.
+                    let magnitude = if q8 { _mm256_sign_epi8(v, v) } else { v };
+                    for t in 0..T {
+                        let xv = _mm256_set1_epi32(std::ptr::read_unaligned(x_quants[t].add(b * 8 + k)));
+                        let xv = if q8 { _mm256_sign_epi8(xv, v) } else { xv };
+                        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xv), ones));
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * ROW_GROUP + half * 8) as *const __m128i));
+                for t in 0..T {
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x_scales[t].add(b)));
+                    sums[half][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), scale, sums[half][t]);
+                }
+            }};
+        }
         if T == 1 {
             // Decode: both halves in one pass over the blocks, so that the weight stream never
             // waits for a second pass from L1 (Q8_0 decode 7-12% faster, Q4_1 0-7%).
             for b in 0..blocks {
                 prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
-                for half in 0..2 {
-                    let acc = block_sums(b, half);
-                    add_scaled(b, half, acc);
-                }
+                add_block!(b, 0);
+                add_block!(b, 1);
             }
         } else {
             // Several rows: a pass per half keeps the accumulators in registers.
@@ -1096,8 +1096,7 @@ mod x86 {
                     if half == 0 {
                         prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
                     }
-                    let acc = block_sums(b, half);
-                    add_scaled(b, half, acc);
+                    add_block!(b, half);
                 }
             }
         }

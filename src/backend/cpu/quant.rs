@@ -900,91 +900,120 @@ mod x86 {
         finish_512(&sums, &offsets, format.offset_factor())
     }
 
-    /// [`nibbles_512`] for the half row group (8 lanes, 32 bytes of each 64-byte vector) at
-    /// `base`.
-    ///
-    /// Safety: AVX2 must be present and `base` must point at 4 vectors 64 bytes apart of 32
-    /// readable bytes each.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn nibbles_256(base: *const u8) -> [__m256i; 8] {
-        let low = _mm256_set1_epi8(0x0F);
-        let raw: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(base.add(j * 64) as *const __m256i));
-        std::array::from_fn(|k| if k < 4 { _mm256_and_si256(raw[k], low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(raw[k - 4]), low) })
-    }
-
     /// [`group_avx2`] for Q4_K and Q6_K.
     ///
     /// Safety: as [`group_avx2`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_avx2_k<const T: usize>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T], prefetch: StreamPrefetch) -> [[f32; ROW_GROUP]; T] {
-        let format = w.format;
-        let unit_bytes = format.group_block_bytes();
-        let supers = w.blocks / BLOCKS_PER_SUPER;
+        match w.format {
+            BlockFormat::Q4_K => group_avx2_k_of::<T, { BlockFormat::Q4_K as u8 }>(w, g, x, prefetch),
+            BlockFormat::Q6_K => group_avx2_k_of::<T, { BlockFormat::Q6_K as u8 }>(w, g, x, prefetch),
+            _ => unreachable!("32-element formats take group_avx2"),
+        }
+    }
+
+    /// [`group_avx2_k`] for one K format, built as [`group_avx2_of`]: raw pointers taken once,
+    /// weight vectors streamed through one register each, both halves in one pass in decode.
+    ///
+    /// Safety: as [`group_avx2`], and `w.format` is `FORMAT`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_avx2_k_of<const T: usize, const FORMAT: u8>(w: &BlockMatrix, g: usize, x: &[Q8Row<'_>; T], prefetch: StreamPrefetch) -> [[f32; ROW_GROUP]; T] {
+        let q4k = FORMAT == BlockFormat::Q4_K as u8;
+        let blocks = w.blocks;
+        let supers = blocks / BLOCKS_PER_SUPER;
+        let unit_bytes = w.format.group_block_bytes();
+        let scales = w.scales.as_ptr().add(g * supers * ROW_GROUP);
+        let minimums = if q4k { w.minimums.as_ptr().add(g * supers * ROW_GROUP) } else { scales };
+        let sub_scales = w.sub_scales.as_ptr().add(g * blocks * 2 * ROW_GROUP);
+        let quants = w.quants.as_ptr().add(g * blocks * unit_bytes);
+        let x_quants: [*const i32; T] = std::array::from_fn(|t| x[t].qs.as_ptr() as *const i32);
+        let x_scales: [*const f32; T] = std::array::from_fn(|t| x[t].scales.as_ptr());
+        let x_scaled_sums: [*const f32; T] = std::array::from_fn(|t| x[t].scaled_sums.as_ptr());
+        let x_half_sums: [*const i32; T] = std::array::from_fn(|t| x[t].half_sums.as_ptr());
         let ones = _mm256_set1_epi16(1);
+        let low = _mm256_set1_epi8(0x0F);
         let three = _mm256_set1_epi8(3);
-        let mut out = [[0.0f32; ROW_GROUP]; T];
-        for half in 0..2 {
-            let mut sums = [_mm256_setzero_ps(); T];
-            let mut offsets = [_mm256_setzero_ps(); T];
-            for b in 0..w.blocks {
-                let unit = g * w.blocks + b;
-                let lanes = (g * supers + b / BLOCKS_PER_SUPER) * ROW_GROUP + half * 8;
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.scales.as_ptr().add(lanes) as *const __m128i));
-                let subs = w.sub_scales.as_ptr().add(unit * 2 * ROW_GROUP + half * 8);
-                let base = w.quants.as_ptr().add(unit * unit_bytes + half * 32);
-                if half == 0 {
-                    prefetch_ahead(base, unit_bytes, prefetch);
-                }
-                let widen = |p: *const u8, signed: bool| {
-                    let bytes = _mm_loadl_epi64(p as *const __m128i);
-                    _mm256_cvtepi32_ps(if signed { _mm256_cvtepi8_epi32(bytes) } else { _mm256_cvtepu8_epi32(bytes) })
-                };
-                let mut vectors = nibbles_256(base);
-                // Σ over the vectors `range` of weights × activation bytes, per lane.
-                let dot = |vectors: &[__m256i; 8], xp: *const i32, range: std::ops::Range<usize>| {
-                    let mut acc = _mm256_setzero_si256();
-                    for k in range {
-                        let xv = _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(k)));
-                        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(vectors[k], xv), ones));
-                    }
-                    acc
-                };
-                if format == BlockFormat::Q4_K {
-                    let step = _mm256_mul_ps(d, widen(subs, false));
-                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(w.minimums.as_ptr().add(lanes) as *const __m128i));
-                    let offset = _mm256_mul_ps(dmin, widen(subs.add(ROW_GROUP), false));
-                    for t in 0..T {
-                        let products = _mm256_cvtepi32_ps(dot(&vectors, x[t].qs.as_ptr().add(b * QK) as *const i32, 0..8));
-                        sums[t] = _mm256_fmadd_ps(products, _mm256_mul_ps(step, _mm256_set1_ps(*x[t].scales.get_unchecked(b))), sums[t]);
-                        offsets[t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(*x[t].scaled_sums.get_unchecked(b)), offsets[t]);
-                    }
-                } else {
-                    let pairs: [__m256i; 2] = std::array::from_fn(|h| _mm256_loadu_si256(base.add(ROW_GROUP * QK / 2 + h * 64) as *const __m256i));
-                    for (k, v) in vectors.iter_mut().enumerate() {
-                        let p = pairs[k / 4];
+        let widen = |p: *const u8, signed: bool| {
+            let bytes = _mm_loadl_epi64(p as *const __m128i);
+            _mm256_cvtepi32_ps(if signed { _mm256_cvtepi8_epi32(bytes) } else { _mm256_cvtepu8_epi32(bytes) })
+        };
+        let mut sums = [[_mm256_setzero_ps(); T]; 2];
+        // Q4_K's dmin·m terms (Q6_K removes its offset in the integer sums).
+        let mut offsets = [[_mm256_setzero_ps(); T]; 2];
+        macro_rules! add_block {
+            ($b:expr, $half:expr) => {{
+                let (b, half) = ($b, $half);
+                let base = quants.add(b * unit_bytes + half * 32);
+                let lanes = (b / BLOCKS_PER_SUPER) * ROW_GROUP + half * 8;
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(lanes) as *const __m128i));
+                let subs = sub_scales.add(b * 2 * ROW_GROUP + half * 8);
+                // Integer sums per 16-element half of the block (Q6_K scales each its own).
+                let mut acc = [[_mm256_setzero_si256(); T]; 2];
+                for k in 0..8 {
+                    let raw = _mm256_loadu_si256(base.add((k % 4) * 64) as *const __m256i);
+                    let nibbles = if k < 4 { _mm256_and_si256(raw, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low) };
+                    let v = if q4k {
+                        nibbles
+                    } else {
+                        // The high bit pairs of weight vector 4h + s sit at bits 2s of vector h.
+                        let p = _mm256_loadu_si256(base.add(ROW_GROUP * QK / 2 + (k / 4) * 64) as *const __m256i);
                         let shifted = match k % 4 {
                             0 => p,
                             1 => _mm256_srli_epi16::<2>(p),
                             2 => _mm256_srli_epi16::<4>(p),
                             _ => _mm256_srli_epi16::<6>(p),
                         };
-                        *v = _mm256_or_si256(*v, _mm256_slli_epi16::<4>(_mm256_and_si256(shifted, three)));
+                        _mm256_or_si256(nibbles, _mm256_slli_epi16::<4>(_mm256_and_si256(shifted, three)))
+                    };
+                    let h = if q4k { 0 } else { k / 4 };
+                    for t in 0..T {
+                        let xv = _mm256_set1_epi32(std::ptr::read_unaligned(x_quants[t].add(b * 8 + k)));
+                        acc[h][t] = _mm256_add_epi32(acc[h][t], _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones));
                     }
+                }
+                if q4k {
+                    let step = _mm256_mul_ps(d, widen(subs, false));
+                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(minimums.add(lanes) as *const __m128i));
+                    let offset = _mm256_mul_ps(dmin, widen(subs.add(ROW_GROUP), false));
+                    for t in 0..T {
+                        let scale = _mm256_mul_ps(step, _mm256_set1_ps(*x_scales[t].add(b)));
+                        sums[half][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[0][t]), scale, sums[half][t]);
+                        offsets[half][t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(*x_scaled_sums[t].add(b)), offsets[half][t]);
+                    }
+                } else {
                     let steps = [_mm256_mul_ps(d, widen(subs, true)), _mm256_mul_ps(d, widen(subs.add(ROW_GROUP), true))];
                     for t in 0..T {
-                        let xp = x[t].qs.as_ptr().add(b * QK) as *const i32;
-                        let dx = _mm256_set1_ps(*x[t].scales.get_unchecked(b));
+                        let dx = _mm256_set1_ps(*x_scales[t].add(b));
                         for (h, step) in steps.iter().enumerate() {
-                            let centred = _mm256_sub_epi32(dot(&vectors, xp, 4 * h..4 * h + 4), _mm256_set1_epi32(32 * *x[t].half_sums.get_unchecked(2 * b + h)));
-                            sums[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(*step, dx), sums[t]);
+                            // Σ (q − 32)·qx, exact in 32 bits.
+                            let centred = _mm256_sub_epi32(acc[h][t], _mm256_set1_epi32(32 * *x_half_sums[t].add(2 * b + h)));
+                            sums[half][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(*step, dx), sums[half][t]);
                         }
                     }
                 }
+            }};
+        }
+        if T == 1 {
+            for b in 0..blocks {
+                prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
+                add_block!(b, 0);
+                add_block!(b, 1);
             }
-            let factor = _mm256_set1_ps(format.offset_factor());
+        } else {
+            for half in 0..2 {
+                for b in 0..blocks {
+                    if half == 0 {
+                        prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
+                    }
+                    add_block!(b, half);
+                }
+            }
+        }
+        let factor = _mm256_set1_ps(w.format.offset_factor());
+        let mut out = [[0.0f32; ROW_GROUP]; T];
+        for half in 0..2 {
             for t in 0..T {
-                _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), _mm256_fmadd_ps(offsets[t], factor, sums[t]));
+                _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), _mm256_fmadd_ps(offsets[half][t], factor, sums[half][t]));
             }
         }
         out

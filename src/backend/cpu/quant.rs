@@ -742,6 +742,32 @@ mod x86 {
         }
     }
 
+    /// Visits a row group's block halves for the AVX2 kernels, `$add_block!(b, half)` each,
+    /// prefetching each block's unit once. Decode (one activation row) takes both halves in
+    /// one pass over the blocks, so that the weight stream never waits for a second pass from
+    /// L1 (Q8_0 decode 7-12% faster, Q4_1 0-7%); several rows take a pass per half, which keeps
+    /// their accumulators in registers.
+    macro_rules! visit_block_halves {
+        ($rows:expr, $blocks:expr, $quants:expr, $unit_bytes:expr, $prefetch:expr, $add_block:ident) => {
+            if $rows == 1 {
+                for b in 0..$blocks {
+                    prefetch_ahead($quants.add(b * $unit_bytes), $unit_bytes, $prefetch);
+                    $add_block!(b, 0);
+                    $add_block!(b, 1);
+                }
+            } else {
+                for half in 0..2 {
+                    for b in 0..$blocks {
+                        if half == 0 {
+                            prefetch_ahead($quants.add(b * $unit_bytes), $unit_bytes, $prefetch);
+                        }
+                        $add_block!(b, half);
+                    }
+                }
+            }
+        };
+    }
+
     /// Safety: AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C must be present; `g` is a row group of
     /// `w`, and every `x[t]` holds `w.blocks` blocks.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -993,22 +1019,7 @@ mod x86 {
                 }
             }};
         }
-        if T == 1 {
-            for b in 0..blocks {
-                prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
-                add_block!(b, 0);
-                add_block!(b, 1);
-            }
-        } else {
-            for half in 0..2 {
-                for b in 0..blocks {
-                    if half == 0 {
-                        prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
-                    }
-                    add_block!(b, half);
-                }
-            }
-        }
+        visit_block_halves!(T, blocks, quants, unit_bytes, prefetch, add_block);
         let factor = _mm256_set1_ps(w.format.offset_factor());
         let mut out = [[0.0f32; ROW_GROUP]; T];
         for half in 0..2 {
@@ -1110,25 +1121,7 @@ mod x86 {
                 }
             }};
         }
-        if T == 1 {
-            // Decode: both halves in one pass over the blocks, so that the weight stream never
-            // waits for a second pass from L1 (Q8_0 decode 7-12% faster, Q4_1 0-7%).
-            for b in 0..blocks {
-                prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
-                add_block!(b, 0);
-                add_block!(b, 1);
-            }
-        } else {
-            // Several rows: a pass per half keeps the accumulators in registers.
-            for half in 0..2 {
-                for b in 0..blocks {
-                    if half == 0 {
-                        prefetch_ahead(quants.add(b * unit_bytes), unit_bytes, prefetch);
-                    }
-                    add_block!(b, half);
-                }
-            }
-        }
+        visit_block_halves!(T, blocks, quants, unit_bytes, prefetch, add_block);
         let mut out = [[0.0f32; ROW_GROUP]; T];
         for half in 0..2 {
             for t in 0..T {

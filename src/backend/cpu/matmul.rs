@@ -296,9 +296,8 @@ fn quantized_products(kernel: QuantKernel, prefetch: StreamPrefetch, threads: us
 /// first: next to its arithmetic that costs nothing (gate|up, 1.9 MB, against 64 rows is 113M
 /// multiply-adds), where splitting by columns wrote every output through scratch and a copy.
 fn quantized_products_by_rows(kernel: QuantKernel, prefetch: StreamPrefetch, threads: usize, activations: &Q8Activations, rows: usize, w: &BlockMatrix, out: &mut [f32]) {
-    const GROUP: usize = quant::ROWS_AT_ONCE;
     let n = w.rows;
-    let task_rows = rows.div_ceil(threads * 4).next_multiple_of(GROUP);
+    let task_rows = rows.div_ceil(threads * 4).next_multiple_of(quant::ROWS_AT_ONCE);
     out.par_chunks_mut(task_rows * n).enumerate().for_each(|(task, run)| {
         let first_row = task * task_rows;
         let run_rows = run.len() / n;
@@ -306,18 +305,7 @@ fn quantized_products_by_rows(kernel: QuantKernel, prefetch: StreamPrefetch, thr
         let inputs: Vec<Q8Row<'_>> = (first_row..first_row + run_rows).map(|r| activations.row(r)).collect();
         for g in 0..w.groups() {
             let columns = g * ROW_GROUP..((g + 1) * ROW_GROUP).min(n);
-            let mut r = 0;
-            while r < run_rows {
-                let take = if run_rows - r >= GROUP { GROUP } else { 1 };
-                let mut outs = run[r * n..(r + take) * n].chunks_mut(n).map(|row| &mut row[columns.clone()]);
-                if take == GROUP {
-                    let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|_| outs.next().expect("four rows"));
-                    quant::dot_groups_prefetching(kernel, prefetch, w, g..g + 1, std::array::from_fn(|t| inputs[r + t]), &mut outs);
-                } else {
-                    quant::dot_groups_prefetching(kernel, prefetch, w, g..g + 1, [inputs[r]], &mut [outs.next().expect("one row")]);
-                }
-                r += take;
-            }
+            dot_rows_four_at_a_time(kernel, prefetch, w, g..g + 1, &inputs, run.chunks_mut(n).map(|row| &mut row[columns.clone()]));
         }
     });
 }
@@ -325,11 +313,11 @@ fn quantized_products_by_rows(kernel: QuantKernel, prefetch: StreamPrefetch, thr
 /// Few activation rows (decode): tasks take whole row groups of `w`, so that each streams
 /// disjoint weight rows once.
 fn quantized_products_by_columns(kernel: QuantKernel, prefetch: StreamPrefetch, threads: usize, activations: &Q8Activations, rows: usize, w: &BlockMatrix, out: &mut [f32]) {
-    const GROUP: usize = quant::ROWS_AT_ONCE;
     let chunk = w.groups().div_ceil(threads * 4).max(1) * ROW_GROUP;
     // With several input rows each row group (16 weight rows) stays in L1 while they all pass;
     // with one there is nothing to reuse, and a task's groups go in one call.
     let tile_groups = if rows == 1 { usize::MAX } else { 1 };
+    let inputs: Vec<Q8Row<'_>> = (0..rows).map(|r| activations.row(r)).collect();
     by_column_blocks(rows, w.rows, chunk, out, |start, block| {
         let width = block.len() / rows;
         let (first_group, end_group) = (start / ROW_GROUP, (start + width).div_ceil(ROW_GROUP));
@@ -337,21 +325,28 @@ fn quantized_products_by_columns(kernel: QuantKernel, prefetch: StreamPrefetch, 
         while g < end_group {
             let tile_end = g.saturating_add(tile_groups).min(end_group);
             let (first, last) = ((g - first_group) * ROW_GROUP, (tile_end * ROW_GROUP - start).min(width));
-            let mut r = 0;
-            while r < rows {
-                let take = if rows - r >= GROUP { GROUP } else { 1 };
-                let mut runs = block[r * width..(r + take) * width].chunks_mut(width).map(|row| &mut row[first..last]);
-                if take == GROUP {
-                    let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|_| runs.next().expect("four rows"));
-                    quant::dot_groups_prefetching(kernel, prefetch, w, g..tile_end, std::array::from_fn(|t| activations.row(r + t)), &mut outs);
-                } else {
-                    quant::dot_groups_prefetching(kernel, prefetch, w, g..tile_end, [activations.row(r)], &mut [runs.next().expect("one row")]);
-                }
-                r += take;
-            }
+            dot_rows_four_at_a_time(kernel, prefetch, w, g..tile_end, &inputs, block.chunks_mut(width).map(|row| &mut row[first..last]));
             g = tile_end;
         }
     });
+}
+
+/// The row groups `groups` of `w` against each of `inputs`, [`quant::ROWS_AT_ONCE`] rows per
+/// kernel call and the remainder one by one; `outputs` yields the destination of each input
+/// row in turn (as many as there are inputs).
+fn dot_rows_four_at_a_time<'o>(kernel: QuantKernel, prefetch: StreamPrefetch, w: &BlockMatrix, groups: std::ops::Range<usize>, inputs: &[Q8Row<'_>], mut outputs: impl Iterator<Item = &'o mut [f32]>) {
+    const GROUP: usize = quant::ROWS_AT_ONCE;
+    let mut r = 0;
+    while r < inputs.len() {
+        if inputs.len() - r >= GROUP {
+            let mut outs: [&mut [f32]; GROUP] = std::array::from_fn(|_| outputs.next().expect("an output per input row"));
+            quant::dot_groups_prefetching(kernel, prefetch, w, groups.clone(), std::array::from_fn(|t| inputs[r + t]), &mut outs);
+            r += GROUP;
+        } else {
+            quant::dot_groups_prefetching(kernel, prefetch, w, groups.clone(), [inputs[r]], &mut [outputs.next().expect("an output per input row")]);
+            r += 1;
+        }
+    }
 }
 
 /// A read-only strided view of an f32 matrix: element (i, j) is `data[i*row_stride + j*col_stride]`.

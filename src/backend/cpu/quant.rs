@@ -597,7 +597,7 @@ fn quantize_blocks_portable(x: &[f32], qs: &mut [i8], scales: &mut [f32], scaled
                 let shifted = scaled + ROUNDER;
                 let value = (shifted.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
                 // NaN (from a NaN or infinite input) gives 0, as `as i8` would.
-                let value = if shifted == shifted { value } else { 0 };
+                let value = if !shifted.is_nan() { value } else { 0 };
                 *q = value as i8;
                 halves[h] += value;
             }

@@ -26,6 +26,26 @@ fn dot_products(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("bf16", level), &level, |bench, &l| bench.iter(|| simd::dot_bf16(l, &bits, &b)));
     }
     group.finish();
+    // Four rows against one input, as decode streams float weights (hot here: the rows stay in
+    // L1, so this times the arithmetic; `matmul_3072x576` times the stream).
+    let rows = random(4 * n, 5);
+    let halves: Vec<u16> = rows.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    let brain: Vec<u16> = rows.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+    let (rows4, halves4, brain4) = (four_rows(&rows), four_rows(&halves), four_rows(&brain));
+    let plan = simd::StreamPrefetch::DEFAULT;
+    let mut group = c.benchmark_group("dot4");
+    group.throughput(Throughput::Elements(4 * n as u64));
+    for level in SimdLevel::all_supported() {
+        group.bench_with_input(BenchmarkId::new("f32", level), &level, |bench, &l| bench.iter(|| simd::dot4_f32(l, plan, rows4, &b)));
+        group.bench_with_input(BenchmarkId::new("f16", level), &level, |bench, &l| bench.iter(|| simd::dot4_f16(l, plan, halves4, &b)));
+        group.bench_with_input(BenchmarkId::new("bf16", level), &level, |bench, &l| bench.iter(|| simd::dot4_bf16(l, plan, brain4, &b)));
+    }
+    group.finish();
+}
+
+fn four_rows<T>(values: &[T]) -> [&[T]; 4] {
+    let n = values.len() / 4;
+    std::array::from_fn(|r| &values[r * n..(r + 1) * n])
 }
 
 /// The MLP gate over one row of SmolLM2-135M's 1536 intermediate values.

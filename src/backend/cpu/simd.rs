@@ -441,6 +441,20 @@ mod x86 {
     use super::StreamPrefetch;
 
     /// Four rows against one input: one accumulator per row (four independent FMA chains).
+    /// Asks for the line `prefetch.near` bytes past `line` into L1 and the one `prefetch.far`
+    /// past it into L2 (0: not at all), for the four-row kernels' streams. A prefetch is a hint
+    /// and never faults; past a row it reaches the stream's next rows (`wrapping_add`: no
+    /// pointer UB). The plan's branches go the same way every time, so they are predicted.
+    #[inline(always)]
+    unsafe fn prefetch_ahead(line: *const i8, prefetch: StreamPrefetch) {
+        if prefetch.near > 0 {
+            _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(prefetch.near));
+        }
+        if prefetch.far > 0 {
+            _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(prefetch.far));
+        }
+    }
+
     macro_rules! dot4_avx512 {
         ($name:ident, $t:ty, $load:ident, $tail:path) => {
             #[target_feature(enable = "avx512f")]
@@ -453,17 +467,9 @@ mod x86 {
                 while i + 16 <= k {
                     let xv = _mm512_loadu_ps(px.add(i));
                     for (r, acc_r) in acc.iter_mut().enumerate() {
-                        // Once per cache line. A prefetch is a hint and never faults; past the
-                        // row it reaches the stream's next rows (wrapping_add: no pointer UB).
+                        // Once per cache line.
                         if i % per_line == 0 {
-                            let line = pw[r].wrapping_add(i) as *const i8;
-                            // Branches on the plan: the same way every time, so predicted.
-                            if prefetch.near > 0 {
-                                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(prefetch.near));
-                            }
-                            if prefetch.far > 0 {
-                                _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(prefetch.far));
-                            }
+                            prefetch_ahead(pw[r].wrapping_add(i) as *const i8, prefetch);
                         }
                         *acc_r = _mm512_fmadd_ps($load(pw[r].add(i)), xv, *acc_r);
                     }
@@ -591,15 +597,8 @@ mod x86 {
                 while i + 16 <= k {
                     let xv = [_mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(px.add(i + 8))];
                     for (r, acc_r) in acc.iter_mut().enumerate() {
-                        // As in dot4_avx512: once per line, a hint that never faults.
                         if i % per_line == 0 {
-                            let line = pw[r].wrapping_add(i) as *const i8;
-                            if prefetch.near > 0 {
-                                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(prefetch.near));
-                            }
-                            if prefetch.far > 0 {
-                                _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(prefetch.far));
-                            }
+                            prefetch_ahead(pw[r].wrapping_add(i) as *const i8, prefetch);
                         }
                         acc_r[0] = _mm256_fmadd_ps($load(pw[r].add(i)), xv[0], acc_r[0]);
                         acc_r[1] = _mm256_fmadd_ps($load(pw[r].add(i + 8)), xv[1], acc_r[1]);
@@ -640,13 +639,7 @@ mod x86 {
             let x_odd = in_order(_mm256_shuffle_ps::<0b11_01_11_01>(xa, xb));
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 if i % 32 == 0 {
-                    let line = pw[r].wrapping_add(i) as *const i8;
-                    if prefetch.near > 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(prefetch.near));
-                    }
-                    if prefetch.far > 0 {
-                        _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(prefetch.far));
-                    }
+                    prefetch_ahead(pw[r].wrapping_add(i) as *const i8, prefetch);
                 }
                 let bits = _mm256_loadu_si256(pw[r].add(i) as *const __m256i);
                 let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits));

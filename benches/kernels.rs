@@ -1,11 +1,13 @@
 //! Criterion benches of the CPU kernels: each SIMD level of the dot products, the SiLU gate and
 //! the decode attention kernels (hot, and a whole decode row's attention over a cold cache),
 //! each kernel of the block-quantized products (one activation row, four at once), and the matmul paths (GEMV for
-//! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized.
+//! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized, and the AVX2
+//! panel gemm for prefill against the `gemm` crate it replaced there.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use engram::backend::cpu::buffer::WeightBuffer;
-use engram::backend::cpu::matmul::{matmul, CpuMatrix, WeightData};
+use engram::backend::cpu::matmul::{gemm_strided, matmul, CpuMatrix, MatRef, WeightData};
+use engram::backend::cpu::panel_gemm::{self, PanelWeights};
 use engram::backend::cpu::quant::{self, BlockFormat, BlockMatrix, Q8Activations, QuantKernel, ROWS_AT_ONCE};
 use engram::backend::cpu::simd::{self, SimdLevel};
 use engram::backend::cpu::attention_simd;
@@ -220,5 +222,41 @@ fn matmuls(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, dot_products, silu_gate, attention_kernels, attention_decode_cold, quantized_products, matmuls);
+/// The prefill product on AVX2 at 512 rows: the panel gemm (16-bit weights widened while
+/// packed) against what it replaced, a widening pass and the `gemm` crate's f32 product.
+fn prefill_products(c: &mut Criterion) {
+    let level = SimdLevel::detect();
+    if !panel_gemm::available(level) {
+        return;
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let m = 512;
+    for (n, k) in [(3072usize, 576usize), (576, 1536)] {
+        let w = random(n * k, 5);
+        let f16: Vec<u16> = w.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+        let bf16: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let x = random(m * k, 6);
+        let mut out = vec![0.0f32; m * n];
+        let (mut scratch, mut widened) = (Vec::new(), vec![0.0f32; n * k]);
+        let mut group = c.benchmark_group(format!("prefill_{n}x{k}_512rows"));
+        group.throughput(Throughput::Elements((m * n * k) as u64));
+        group.sample_size(20);
+        let crate_product = |weights: &[f32], out: &mut [f32]| gemm_strided(2, MatRef::dense(&x, m, k), MatRef::dense(weights, n, k).transposed(), out, n, false);
+        group.bench_function("gemm_crate_f32", |b| b.iter(|| pool.install(|| crate_product(&w, &mut out))));
+        group.bench_function("widen_then_gemm_crate_f16", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    widened.par_chunks_mut(k).zip(f16.par_chunks(k)).for_each(|(d, s)| simd::f16_to_f32(s, d));
+                    crate_product(&widened, &mut out)
+                })
+            })
+        });
+        for (name, weights) in [("panel_f32", PanelWeights::F32(&w)), ("panel_f16", PanelWeights::F16(&f16)), ("panel_bf16", PanelWeights::BF16(&bf16))] {
+            group.bench_function(name, |b| b.iter(|| pool.install(|| panel_gemm::product(level, 2, &x, m, k, weights, n, &mut out, &mut scratch))));
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, dot_products, silu_gate, attention_kernels, attention_decode_cold, quantized_products, matmuls, prefill_products);
 criterion_main!(benches);

@@ -1,8 +1,10 @@
 //! Weight matrices on the CPU and the product `x · Wᵀ`: GEMV for few rows, gemm for many.
 //!
 //! Decode (1..=GEMV_MAX_ROWS rows) is memory-bound: each thread streams disjoint weight rows
-//! once, four sequential streams at a time, and dots them with every input row. Prefill is compute-bound: the `gemm` crate's packed,
-//! register-blocked f32 kernels, with 16-bit weights widened chunk by chunk into scratch.
+//! once, four sequential streams at a time, and dots them with every input row. Prefill is
+//! compute-bound: on AVX2 the panel gemm (16-bit weights widened as they are packed, see
+//! `panel_gemm`), elsewhere the `gemm` crate's packed, register-blocked f32 kernels, with 16-bit
+//! weights widened chunk by chunk into scratch.
 //! Block-quantized weights take integer products in both (see `quant`): the input is quantized
 //! to 8 bits once per product and meets row groups of 16 weight rows, four input rows at a time
 //! in prefill (widened to f32 like the 16-bit types only on CPUs without AVX2).
@@ -10,6 +12,7 @@
 use rayon::prelude::*;
 
 use super::bf16_products;
+use super::panel_gemm::{self, PanelWeights};
 use super::quant::{self, BlockMatrix, Q8Activations, Q8Row, QuantKernel, ROW_GROUP};
 use super::buffer::{Placeable, WeightBuffer};
 use crate::error::{Error, Result};
@@ -257,6 +260,17 @@ const WIDEN_CHUNK_ELEMENTS: usize = 1 << 22;
 
 fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
     let (n, k) = (w.rows, w.cols);
+    if panel_gemm::available(level) {
+        let weights = match &w.data {
+            WeightData::F32(data) => Some(PanelWeights::F32(data)),
+            WeightData::F16(data) => Some(PanelWeights::F16(data)),
+            WeightData::BF16(data) => Some(PanelWeights::BF16(data)),
+            WeightData::Quantized(_) => None,
+        };
+        if let Some(weights) = weights {
+            return panel_gemm::product(level, threads, x, rows, k, weights, n, out, scratch);
+        }
+    }
     match &w.data {
         WeightData::F32(data) => gemm_f32(threads, x, rows, k, data, n, out, n, 0),
         WeightData::Quantized(blocks) if QuantKernel::for_level(level) != QuantKernel::Scalar => {

@@ -7,6 +7,7 @@ pub mod attention_simd;
 pub mod bf16_products;
 pub mod buffer;
 pub mod matmul;
+pub mod panel_gemm;
 pub mod quant;
 pub mod simd;
 pub mod tune;
@@ -29,7 +30,7 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     level: SimdLevel,
-    /// Where 16-bit weights are widened for prefill gemms, kept between calls: a fresh
+    /// Where prefill gemms widen 16-bit weights (or pack panels, see `panel_gemm`), kept between calls: a fresh
     /// allocation per product cost page faults and zeroing of up to 16 MiB each time.
     widen_scratch: std::sync::Mutex<Vec<f32>>,
     /// The cache precision sessions get when their options name none.

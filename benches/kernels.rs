@@ -2,7 +2,8 @@
 //! the decode attention kernels (hot, and a whole decode row's attention over a cold cache),
 //! each kernel of the block-quantized products (one activation row, four at once), and the matmul paths (GEMV for
 //! decode, gemm for prefill) at SmolLM2-135M's layer shapes, float and quantized, and the AVX2
-//! panel gemm for prefill against the `gemm` crate it replaced there.
+//! panel gemm for prefill against the `gemm` crate it replaced there, and against the integer
+//! kernel for Q8_0.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use engram::backend::cpu::buffer::WeightBuffer;
@@ -258,5 +259,32 @@ fn prefill_products(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, dot_products, silu_gate, attention_kernels, attention_decode_cold, quantized_products, matmuls, prefill_products);
+/// Q8_0 prefill on AVX2 at several row counts: the four-row integer kernel (input quantized to
+/// 8 bits) against row groups decoded into the panel gemm's f32 panels.
+fn prefill_q8_0(c: &mut Criterion) {
+    // AVX2 kernels on any CPU that has AVX2 (an AVX-512 one too, for comparing there).
+    let level = SimdLevel::Avx2;
+    if !SimdLevel::all_supported().contains(&level) {
+        return;
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for (n, k) in [(3072usize, 576usize), (576, 1536)] {
+        let (_, matrix) = quantized_matrices(n, k, &[BlockFormat::Q8_0]).remove(0);
+        let mut group = c.benchmark_group(format!("prefill_q8_0_{n}x{k}"));
+        group.sample_size(20);
+        let mut scratch = Vec::new();
+        for m in [8usize, 16, 32, 64, 512] {
+            let x = random(m * k, 7);
+            let mut out = vec![0.0f32; m * n];
+            group.throughput(Throughput::Elements((m * n * k) as u64));
+            group.bench_function(BenchmarkId::new("integer", m), |b| {
+                b.iter(|| pool.install(|| engram::backend::cpu::matmul::quantized_products(QuantKernel::for_level(level), quant::UNIT_PREFETCH_NEAR_AND_FAR, 2, &x, m, &matrix, &mut out)))
+            });
+            group.bench_function(BenchmarkId::new("panel", m), |b| b.iter(|| pool.install(|| panel_gemm::product(level, 2, &x, m, k, PanelWeights::Q8_0(&matrix), n, &mut out, &mut scratch))));
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, dot_products, silu_gate, attention_kernels, attention_decode_cold, quantized_products, matmuls, prefill_products, prefill_q8_0);
 criterion_main!(benches);

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::bf16_products;
 use super::panel_gemm::{self, PanelWeights};
-use super::quant::{self, BlockMatrix, Q8Activations, Q8Row, QuantKernel, ROW_GROUP};
+use super::quant::{self, BlockFormat, BlockMatrix, Q8Activations, Q8Row, QuantKernel, ROW_GROUP};
 use super::buffer::{Placeable, WeightBuffer};
 use crate::error::{Error, Result};
 use crate::tensor::{HostTensor, TensorData};
@@ -258,6 +258,11 @@ fn by_column_blocks(rows: usize, n: usize, chunk: usize, out: &mut [f32], fill: 
 /// Elements of 16-bit weights widened per gemm call (bounds the scratch to 16 MiB).
 const WIDEN_CHUNK_ELEMENTS: usize = 1 << 22;
 
+/// Input rows from which Q8_0 prefill decodes its row groups into the panel gemm's f32 panels
+/// rather than running the four-row integer kernel: the decoding, once per product, pays for
+/// itself over this many rows (criterion `prefill_q8_0`).
+const PANEL_Q8_0_MIN_ROWS: usize = 16;
+
 fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
     let (n, k) = (w.rows, w.cols);
     if panel_gemm::available(level) {
@@ -265,6 +270,7 @@ fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMat
             WeightData::F32(data) => Some(PanelWeights::F32(data)),
             WeightData::F16(data) => Some(PanelWeights::F16(data)),
             WeightData::BF16(data) => Some(PanelWeights::BF16(data)),
+            WeightData::Quantized(blocks) if blocks.format == BlockFormat::Q8_0 && rows >= PANEL_Q8_0_MIN_ROWS => Some(PanelWeights::Q8_0(blocks)),
             WeightData::Quantized(_) => None,
         };
         if let Some(weights) = weights {
@@ -296,7 +302,7 @@ fn gemm_any(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMat
 /// `x · Wᵀ` on block-quantized weights with integer products (decode, and prefill where the CPU
 /// has AVX2 or VNNI): the activation rows are quantized once; each row group of `w` (16 weight
 /// rows, which stay in L1) meets the activation rows four at a time.
-fn quantized_products(kernel: QuantKernel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &BlockMatrix, out: &mut [f32]) {
+pub fn quantized_products(kernel: QuantKernel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &BlockMatrix, out: &mut [f32]) {
     let activations = Q8Activations::quantize(x, rows, w.cols);
     if rows >= threads * 8 * quant::ROWS_AT_ONCE {
         quantized_products_by_rows(kernel, prefetch, threads, &activations, rows, w, out);
@@ -477,6 +483,36 @@ mod tests {
                             assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "n={n} k={k} rows={rows} {level}: {g} vs {w}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_products_match_the_decoded_weights_on_every_path() {
+        use crate::model::quant::{quantize, GgmlType};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (n, k) = (37usize, 96usize);
+        let w32: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let blocks = BlockMatrix::pack(BlockFormat::Q8_0, n, k, &quantize(GgmlType::Q8_0, &w32).unwrap());
+        let mut decoded = vec![0.0f32; n * k];
+        for (r, row) in decoded.chunks_exact_mut(k).enumerate() {
+            blocks.row_to_f32(r, row);
+        }
+        let matrix = CpuMatrix { rows: n, cols: k, data: WeightData::Quantized(blocks) };
+        for rows in [1usize, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, PANEL_Q8_0_MIN_ROWS - 1, PANEL_Q8_0_MIN_ROWS, 33] {
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let want = naive(&x, rows, &decoded, n, k);
+            for level in SimdLevel::all_supported() {
+                let mut out = vec![f32::NAN; rows * n];
+                pool.install(|| matmul(level, 2, &x, rows, &matrix, &mut out));
+                // The integer kernels quantize the input to 8 bits (a relative error of about
+                // 1/254 a block); the AVX2 panel path multiplies the unquantized input.
+                let exact = panel_gemm::available(level) && rows >= PANEL_Q8_0_MIN_ROWS;
+                let tolerance = if exact { 1e-4 } else { 0.1 };
+                for (g, w) in out.iter().zip(&want) {
+                    assert!((g - w).abs() <= tolerance * (1.0 + w.abs()), "rows={rows} {level}: {g} vs {w}");
                 }
             }
         }

@@ -427,6 +427,19 @@ impl BlockMatrix {
         }
     }
 
+    /// Row group `group` of a Q8_0 matrix as stored: its quants (`[block][8 vectors][16 rows]
+    /// [4 bytes]`, each `q + 128`) and its scales (`[block][16 rows]`, f16 bits), for kernels
+    /// that decode whole groups (the prefill panel gemm).
+    ///
+    /// # Panics
+    /// If the matrix is not Q8_0 or `group` is past the last row group.
+    pub fn q8_0_group(&self, group: usize) -> (&[u8], &[u16]) {
+        assert!(self.format == BlockFormat::Q8_0 && group < self.groups(), "q8_0_group: a Q8_0 row group is required");
+        let unit_bytes = self.format.group_block_bytes();
+        let units = group * self.blocks..(group + 1) * self.blocks;
+        (&self.quants[units.start * unit_bytes..units.end * unit_bytes], &self.scales[units.start * ROW_GROUP..units.end * ROW_GROUP])
+    }
+
     /// Where the first of [`BlockMatrix::buffers_mut`] starts in memory.
     #[cfg(test)]
     pub fn first_byte_address(&self) -> usize {

@@ -223,11 +223,12 @@ fn matmuls(c: &mut Criterion) {
     group.finish();
 }
 
-/// The prefill product on AVX2 at 512 rows: the panel gemm (16-bit weights widened while
-/// packed) against what it replaced, a widening pass and the `gemm` crate's f32 product.
+/// The prefill product at 512 rows: the panel gemm (16-bit weights widened while packed) at each
+/// level it runs at, against what it replaced, a widening pass and the `gemm` crate's f32
+/// product.
 fn prefill_products(c: &mut Criterion) {
-    let level = SimdLevel::detect();
-    if !panel_gemm::available(level) {
+    let levels: Vec<SimdLevel> = SimdLevel::all_supported().into_iter().filter(|&l| panel_gemm::available(l)).collect();
+    if levels.is_empty() {
         return;
     }
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
@@ -252,8 +253,10 @@ fn prefill_products(c: &mut Criterion) {
                 })
             })
         });
-        for (name, weights) in [("panel_f32", PanelWeights::F32(&w)), ("panel_f16", PanelWeights::F16(&f16)), ("panel_bf16", PanelWeights::BF16(&bf16))] {
-            group.bench_function(name, |b| b.iter(|| pool.install(|| panel_gemm::product(level, 2, &x, m, k, weights, n, &mut out, &mut scratch))));
+        for &level in &levels {
+            for (name, weights) in [("panel_f32", PanelWeights::F32(&w)), ("panel_f16", PanelWeights::F16(&f16)), ("panel_bf16", PanelWeights::BF16(&bf16))] {
+                group.bench_function(BenchmarkId::new(name, level), |b| b.iter(|| pool.install(|| panel_gemm::product(level, 2, &x, m, k, weights, n, &mut out, &mut scratch))));
+            }
         }
         group.finish();
     }

@@ -61,10 +61,10 @@ impl PanelWeights<'_> {
     }
 }
 
-/// Whether [`product`] runs at `level` (AVX2, FMA and F16C on x86-64). AVX-512 CPUs keep the
-/// `gemm` crate's 16-lane kernels, which this 8-lane one has not been measured against.
+/// Whether [`product`] runs at `level` (AVX2, FMA and F16C on x86-64; at AVX-512 the tiles
+/// run two panels at once in 16-lane registers).
 pub fn available(level: SimdLevel) -> bool {
-    cfg!(target_arch = "x86_64") && level == SimdLevel::Avx2
+    cfg!(target_arch = "x86_64") && level >= SimdLevel::Avx2
 }
 
 /// `out[m, n] = x[m, k] · wᵀ` with `threads` tasks' worth of the calling pool; `scratch` holds
@@ -84,25 +84,25 @@ pub fn product(level: SimdLevel, threads: usize, x: &[f32], m: usize, k: usize, 
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    run(threads, x, m, k, w, n, &mut out[..m * n], scratch);
+    run(level == SimdLevel::Avx512, threads, x, m, k, w, n, &mut out[..m * n], scratch);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (threads, scratch);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn run(threads: usize, x: &[f32], m: usize, k: usize, w: PanelWeights<'_>, n: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+fn run(wide: bool, threads: usize, x: &[f32], m: usize, k: usize, w: PanelWeights<'_>, n: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
     let panels = n.div_ceil(PANEL_COLUMNS);
     let panels_per_task = panels.div_ceil(threads.max(1) * TASKS_PER_THREAD);
     let depth = k.div_ceil(k.div_ceil(MAX_DEPTH_BLOCK)).next_multiple_of(w.depth_step());
     let tiles = m.div_ceil(TILE_ROWS);
     let (panel_len, input_len) = (panels * PANEL_COLUMNS * depth, tiles * TILE_ROWS * k);
-    // 32-byte aligned panels: the kernel's two loads a step never split a cache line.
-    const ALIGN_SLACK: usize = 8;
+    // 64-byte aligned panels (each is 64·depth bytes): no load of a step splits a cache line.
+    const ALIGN_SLACK: usize = 16;
     if scratch.len() < panel_len + input_len + ALIGN_SLACK {
         scratch.resize(panel_len + input_len + ALIGN_SLACK, 0.0);
     }
-    let offset = scratch.as_ptr().align_offset(32).min(ALIGN_SLACK);
+    let offset = scratch.as_ptr().align_offset(64).min(ALIGN_SLACK);
     let (panel_space, packed_input) = scratch[offset..offset + panel_len + input_len].split_at_mut(panel_len);
     packed_input.par_chunks_mut(TILE_ROWS * k).enumerate().for_each(|(t, tile)| pack_input_tile(x, m, k, t * TILE_ROWS, tile));
     let packed_input = &*packed_input;
@@ -117,16 +117,21 @@ fn run(threads: usize, x: &[f32], m: usize, k: usize, w: PanelWeights<'_>, n: us
                 pack_panel(w, n, k, p * PANEL_COLUMNS, k0, block_depth, &mut space[panel_of(p)]);
             }
             for t0 in (0..tiles).step_by(ROWS_PER_PASS / TILE_ROWS) {
-                for p in own.clone() {
-                    let panel = &space[panel_of(p)];
+                // At AVX-512 a tile takes two adjacent panels (32 columns, 12 16-lane sums).
+                let mut p = own.start;
+                while p < own.end {
+                    let count = if wide && p + 1 < own.end { 2 } else { 1 };
+                    let panels = &space[panel_of(p).start..panel_of(p + count - 1).end];
                     for t in t0..(t0 + ROWS_PER_PASS / TILE_ROWS).min(tiles) {
                         let input = &packed_input[t * TILE_ROWS * k + k0 * TILE_ROWS..][..block_depth * TILE_ROWS];
                         let rows = (m - t * TILE_ROWS).min(TILE_ROWS);
-                        let columns = p * PANEL_COLUMNS..(p * PANEL_COLUMNS + PANEL_COLUMNS).min(n);
+                        let columns = p * PANEL_COLUMNS..(p * PANEL_COLUMNS + count * PANEL_COLUMNS).min(n);
                         // SAFETY: the task owns the columns of its panels in every row, so no
-                        // other task writes the elements this tile touches.
-                        unsafe { out_columns.tile(t * TILE_ROWS, rows, n, columns, input, panel, k0 > 0) };
+                        // other task writes the elements this tile touches; `wide` is only set
+                        // at the AVX-512 level.
+                        unsafe { out_columns.tile(wide, t * TILE_ROWS, rows, n, columns, input, panels, block_depth, k0 > 0) };
                     }
+                    p += count;
                 }
             }
         }
@@ -150,19 +155,37 @@ unsafe impl Sync for OutColumns {}
 #[cfg(target_arch = "x86_64")]
 impl OutColumns {
     /// Rows `first_row..first_row + rows`, `columns` of the `[_, n]` output: set to (or, with
-    /// `accumulate`, increased by) the tile product of `input` (`[depth][6]`) and `panel`
-    /// (`[depth][16]`).
+    /// `accumulate`, increased by) the tile product of `input` (`[depth][6]`) and `panels`
+    /// (one or, with `wide`, up to two consecutive `[depth][16]` panels).
     ///
     /// # Safety
-    /// No other thread may access those elements during the call.
+    /// No other thread may access those elements during the call, and `wide` needs AVX-512F.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(&self, first_row: usize, rows: usize, n: usize, columns: std::ops::Range<usize>, input: &[f32], panel: &[f32], accumulate: bool) {
-        let depth = panel.len() / PANEL_COLUMNS;
-        assert!((1..=TILE_ROWS).contains(&rows) && input.len() >= depth * TILE_ROWS && columns.len() <= PANEL_COLUMNS);
+    unsafe fn tile(&self, wide: bool, first_row: usize, rows: usize, n: usize, columns: std::ops::Range<usize>, input: &[f32], panels: &[f32], depth: usize, accumulate: bool) {
+        let count = panels.len() / (depth * PANEL_COLUMNS);
+        assert!(panels.len() == count * depth * PANEL_COLUMNS && (1..=if wide { 2 } else { 1 }).contains(&count), "one panel, or two at AVX-512");
+        assert!((1..=TILE_ROWS).contains(&rows) && input.len() >= depth * TILE_ROWS && columns.len() <= count * PANEL_COLUMNS);
         assert!((first_row + rows - 1) * n + columns.end <= self.len, "tile outside the output");
-        assert_eq!(panel.as_ptr().align_offset(32), 0, "panels are 32-byte aligned");
+        assert_eq!(panels.as_ptr().align_offset(64), 0, "panels are 64-byte aligned");
         let c = self.ptr.add(first_row * n + columns.start);
-        let (i, p, cols) = (input.as_ptr(), panel.as_ptr(), columns.len());
+        let (i, p, cols) = (input.as_ptr(), panels.as_ptr(), columns.len());
+        if wide {
+            let stride = depth * PANEL_COLUMNS;
+            return match (rows, count) {
+                (6, 2) => x86::tile_wide::<6, 2>(depth, i, p, stride, c, n, cols, accumulate),
+                (5, 2) => x86::tile_wide::<5, 2>(depth, i, p, stride, c, n, cols, accumulate),
+                (4, 2) => x86::tile_wide::<4, 2>(depth, i, p, stride, c, n, cols, accumulate),
+                (3, 2) => x86::tile_wide::<3, 2>(depth, i, p, stride, c, n, cols, accumulate),
+                (2, 2) => x86::tile_wide::<2, 2>(depth, i, p, stride, c, n, cols, accumulate),
+                (_, 2) => x86::tile_wide::<1, 2>(depth, i, p, stride, c, n, cols, accumulate),
+                (6, _) => x86::tile_wide::<6, 1>(depth, i, p, stride, c, n, cols, accumulate),
+                (5, _) => x86::tile_wide::<5, 1>(depth, i, p, stride, c, n, cols, accumulate),
+                (4, _) => x86::tile_wide::<4, 1>(depth, i, p, stride, c, n, cols, accumulate),
+                (3, _) => x86::tile_wide::<3, 1>(depth, i, p, stride, c, n, cols, accumulate),
+                (2, _) => x86::tile_wide::<2, 1>(depth, i, p, stride, c, n, cols, accumulate),
+                _ => x86::tile_wide::<1, 1>(depth, i, p, stride, c, n, cols, accumulate),
+            };
+        }
         match rows {
             6 => x86::tile::<6>(depth, i, p, c, n, cols, accumulate),
             5 => x86::tile::<5>(depth, i, p, c, n, cols, accumulate),
@@ -293,6 +316,51 @@ mod x86 {
         }
     }
 
+    /// [`tile`] in 16-lane registers over `P` panels `panel_stride` values apart (columns
+    /// `16j..16j + 16` from panel `j`): `R·P` sums, `P` loads and `R` broadcasts a step.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_wide<const R: usize, const P: usize>(depth: usize, input: *const f32, panel: *const f32, panel_stride: usize, c: *mut f32, c_stride: usize, cols: usize, accumulate: bool) {
+        let mut sums = [[_mm512_setzero_ps(); P]; R];
+        let step = |p: *const f32, x: *const f32, sums: &mut [[__m512; P]; R]| {
+            let mut w = [_mm512_setzero_ps(); P];
+            for (j, w) in w.iter_mut().enumerate() {
+                *w = _mm512_load_ps(p.add(j * panel_stride));
+            }
+            for (r, row) in sums.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*x.add(r));
+                for (sum, &w) in row.iter_mut().zip(&w) {
+                    *sum = _mm512_fmadd_ps(b, w, *sum);
+                }
+            }
+        };
+        let (mut p, mut x) = (panel, input);
+        for _ in 0..depth / 4 {
+            for u in 0..4 {
+                step(p.add(u * PANEL_COLUMNS), x.add(u * super::TILE_ROWS), &mut sums);
+            }
+            p = p.add(4 * PANEL_COLUMNS);
+            x = x.add(4 * super::TILE_ROWS);
+        }
+        for _ in 0..depth % 4 {
+            step(p, x, &mut sums);
+            p = p.add(PANEL_COLUMNS);
+            x = x.add(super::TILE_ROWS);
+        }
+        for (r, row) in sums.iter().enumerate() {
+            for (j, &sum) in row.iter().enumerate() {
+                let lanes = cols.saturating_sub(j * PANEL_COLUMNS).min(PANEL_COLUMNS);
+                if lanes == 0 {
+                    continue;
+                }
+                let mask: __mmask16 = if lanes == PANEL_COLUMNS { 0xFFFF } else { (1u16 << lanes) - 1 };
+                let at = c.add(r * c_stride + j * PANEL_COLUMNS);
+                let value = if accumulate { _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, at)) } else { sum };
+                _mm512_mask_storeu_ps(at, mask, value);
+            }
+        }
+    }
+
     /// Eight rows of eight values to eight columns: `out[c]` holds element `c` of each row.
     #[target_feature(enable = "avx2")]
     unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
@@ -401,6 +469,11 @@ mod tests {
     use crate::backend::cpu::simd::scalar;
     use rand::{Rng, SeedableRng};
 
+    /// The levels the panel gemm runs at on this CPU (AVX2, and AVX-512 where present).
+    fn panel_levels() -> Vec<SimdLevel> {
+        SimdLevel::all_supported().into_iter().filter(|&l| available(l)).collect()
+    }
+
     /// The scalar reference: f64 sums of the widened weights.
     fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
@@ -435,11 +508,11 @@ mod tests {
             ];
             for (weights, widened) in cases {
                 let want = reference(&x, m, k, &widened, n);
-                for threads in [1usize, 2] {
+                for (level, threads) in panel_levels().into_iter().flat_map(|l| [(l, 1usize), (l, 2)]) {
                     let mut out = vec![f32::NAN; m * n];
-                    pool.install(|| product(SimdLevel::Avx2, threads, &x, m, k, weights, n, &mut out, &mut scratch));
+                    pool.install(|| product(level, threads, &x, m, k, weights, n, &mut out, &mut scratch));
                     for (i, (g, w)) in out.iter().zip(&want).enumerate() {
-                        assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "m={m} n={n} k={k} {weights:?} threads={threads} at {i}: {g} vs {w}", weights = std::mem::discriminant(&weights));
+                        assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "m={m} n={n} k={k} {weights:?} {level} threads={threads} at {i}: {g} vs {w}", weights = std::mem::discriminant(&weights));
                     }
                 }
             }
@@ -481,11 +554,11 @@ mod tests {
                 assert_eq!(picked, decoded[r * k..(r + 1) * k], "row {r} of {n}x{k} decoded differently");
             }
             let want = reference(&x, m, k, &decoded, n);
-            for threads in [1usize, 2] {
+            for (level, threads) in panel_levels().into_iter().flat_map(|l| [(l, 1usize), (l, 2)]) {
                 let mut out = vec![f32::NAN; m * n];
-                pool.install(|| product(SimdLevel::Avx2, threads, &x, m, k, PanelWeights::Q8_0(&matrix), n, &mut out, &mut scratch));
+                pool.install(|| product(level, threads, &x, m, k, PanelWeights::Q8_0(&matrix), n, &mut out, &mut scratch));
                 for (i, (g, w)) in out.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "Q8_0 m={m} n={n} k={k} threads={threads} at {i}: {g} vs {w}");
+                    assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt() * (1.0 + w.abs()), "Q8_0 m={m} n={n} k={k} {level} threads={threads} at {i}: {g} vs {w}");
                 }
             }
         }

@@ -253,6 +253,12 @@ fn prefill_products(c: &mut Criterion) {
                 })
             })
         });
+        if engram::backend::cpu::bf16_products::bf16_kernel_available(SimdLevel::detect()) {
+            let level = SimdLevel::detect();
+            let mut bits = vec![0u16; x.len()];
+            engram::backend::cpu::bf16_products::to_bf16_bits(level, &x, &mut bits);
+            group.bench_function("vdpbf16ps_bf16", |b| b.iter(|| pool.install(|| engram::backend::cpu::bf16_products::gemm_bf16(level, 2, &bits, m, k, &bf16, n, &mut out))));
+        }
         for &level in &levels {
             for (name, weights) in [("panel_f32", PanelWeights::F32(&w)), ("panel_f16", PanelWeights::F16(&f16)), ("panel_bf16", PanelWeights::BF16(&bf16))] {
                 group.bench_function(BenchmarkId::new(name, level), |b| b.iter(|| pool.install(|| panel_gemm::product(level, 2, &x, m, k, weights, n, &mut out, &mut scratch))));

@@ -315,7 +315,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let bandwidth = memory_bandwidth(&first)?;
             let tuning: Vec<String> = models
                 .iter()
-                .flat_map(|m| m.backend.prefetch_tunings().into_iter().map(|t| format!("weight prefetch (timed at load): {t}")))
+                .flat_map(|m| {
+                    let prefetch = m.backend.prefetch_tunings().into_iter().map(|t| format!("weight prefetch (timed at load): {t}"));
+                    prefetch.chain(m.backend.bf16_prefill_choice().map(|c| format!("bf16 prefill: {c}")))
+                })
                 .collect();
             bench_on(&args, models, bandwidth, &tuning)
         }

@@ -50,7 +50,41 @@ pub fn has_avx512_bf16() -> bool {
     }
 }
 
-/// Whether bf16 products at `level` take the `vdpbf16ps` kernel.
+/// How many times f32 FMA's multiply-add rate `vdpbf16ps` reaches on this core (`None` without
+/// AVX-512 BF16): 24 register-only chains of each (fewer leave `vdpbf16ps` latency-bound on
+/// Sapphire Rapids: 0.50x at 12), alternated, best of three (~1 ms).
+/// Zen 4 issues `vdpbf16ps` as fast as FMA, so it does twice the multiply-adds; a core that
+/// issues it at half FMA's rate gains nothing from it, and there the tiled kernel below loses
+/// to the panel gemm's FMA tiles (Sapphire Rapids: 9.8 against 5.7 ms at gate|up, 512 rows).
+pub fn dot_rate_over_fma() -> Option<f64> {
+    if !has_avx512_bf16() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        const STEPS: usize = 40_000;
+        let time = |f: &dyn Fn() -> f32| {
+            let start = std::time::Instant::now();
+            std::hint::black_box(f());
+            start.elapsed().as_secs_f64()
+        };
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..3 {
+            // SAFETY: has_avx512_bf16 checked AVX-512 F, BW and BF16.
+            best[0] = best[0].min(time(&|| unsafe { x86::dot_chains(std::hint::black_box(STEPS)) }));
+            best[1] = best[1].min(time(&|| unsafe { x86::fma_chains(std::hint::black_box(STEPS)) }));
+        }
+        // 32 multiply-adds a `vdpbf16ps`, 16 an FMA.
+        Some(2.0 * best[1] / best[0].max(1e-9))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// [`dot_rate_over_fma`] from which prefill takes the `vdpbf16ps` kernel rather than FMA panels.
+pub const DOT_PAYS_FROM_RATE: f64 = 1.4;
+
+/// Whether bf16 products at `level` can take the `vdpbf16ps` kernel.
 pub fn bf16_kernel_available(level: SimdLevel) -> bool {
     level == SimdLevel::Avx512 && has_avx512_bf16()
 }
@@ -180,6 +214,32 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn bh(v: __m512i) -> __m512bh {
         std::mem::transmute(v)
+    }
+
+    /// 24 dependent chains of `steps` `vdpbf16ps` each (the rate probe).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn dot_chains(steps: usize) -> f32 {
+        let ones = bh(std::hint::black_box(_mm512_set1_epi32(0x3f80_3f80)));
+        let mut acc = [_mm512_setzero_ps(); 24];
+        for _ in 0..steps {
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbf16_ps(*a, ones, ones);
+            }
+        }
+        acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+    }
+
+    /// 24 dependent chains of `steps` f32 FMAs each (the rate probe).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_chains(steps: usize) -> f32 {
+        let (a, b) = std::hint::black_box((_mm512_set1_ps(1.0), _mm512_set1_ps(0.5)));
+        let mut acc = [_mm512_setzero_ps(); 24];
+        for _ in 0..steps {
+            for s in acc.iter_mut() {
+                *s = _mm512_fmadd_ps(a, b, *s);
+            }
+        }
+        acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
     }
 
     /// Sixteen dot products of `k` bf16 pairs; `w[r]`, `x[a]` point at `k` values each.

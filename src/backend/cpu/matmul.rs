@@ -151,19 +151,21 @@ impl CpuMatrix {
 /// `out[rows, w.rows] = x[rows, w.cols] · wᵀ`, using the calling rayon pool's threads (decode
 /// streams the weights with their type's default prefetch plan).
 pub fn matmul(level: SimdLevel, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
-    matmul_with_scratch(level, StreamClass::of(w).default_plan(), threads, x, rows, w, out, &mut Vec::new());
+    matmul_with_scratch(level, StreamClass::of(w).default_plan(), bf16_products::bf16_kernel_available(level), threads, x, rows, w, out, &mut Vec::new());
 }
 
 /// [`matmul`] streaming the weight rows in decode with `prefetch` (a plan among
-/// [`StreamClass::candidates`] of the matrix's class), and widening 16-bit weights for prefill
-/// into `scratch` (grown as needed, kept by the caller between products).
+/// [`StreamClass::candidates`] of the matrix's class), bf16 prefill on the `vdpbf16ps` kernel
+/// if `bf16_dot_prefill` (where it is available; else on FMA panels, see
+/// [`bf16_products::dot_rate_over_fma`]), and widening 16-bit weights for prefill into
+/// `scratch` (grown as needed, kept by the caller between products).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_with_scratch(level: SimdLevel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
+pub fn matmul_with_scratch(level: SimdLevel, prefetch: StreamPrefetch, bf16_dot_prefill: bool, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], scratch: &mut Vec<f32>) {
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() >= rows * k && out.len() >= rows * n, "matmul buffers too small");
     let (x, out) = (&x[..rows * k], &mut out[..rows * n]);
     if let WeightData::BF16(weights) = &w.data {
-        return bf16_weight_product(level, prefetch, threads, x, rows, w, weights, out, scratch);
+        return bf16_weight_product(level, prefetch, bf16_dot_prefill, threads, x, rows, w, weights, out, scratch);
     }
     if rows <= GEMV_MAX_ROWS {
         gemv(level, prefetch, threads, x, rows, w, out);
@@ -176,8 +178,8 @@ pub fn matmul_with_scratch(level: SimdLevel, prefetch: StreamPrefetch, threads: 
 /// where the CPU has it, otherwise the f32 paths on the rounded activations, which compute the
 /// same products.
 #[allow(clippy::too_many_arguments)]
-fn bf16_weight_product(level: SimdLevel, prefetch: StreamPrefetch, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, weights: &[u16], out: &mut [f32], scratch: &mut Vec<f32>) {
-    if rows > GEMV_MAX_ROWS && bf16_products::bf16_kernel_available(level) {
+fn bf16_weight_product(level: SimdLevel, prefetch: StreamPrefetch, dot_prefill: bool, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, weights: &[u16], out: &mut [f32], scratch: &mut Vec<f32>) {
+    if rows > GEMV_MAX_ROWS && dot_prefill && bf16_products::bf16_kernel_available(level) {
         let mut bits = vec![0u16; x.len()];
         bf16_products::to_bf16_bits(level, x, &mut bits);
         bf16_products::gemm_bf16(level, threads, &bits, rows, w.cols, weights, w.rows, out);
@@ -187,6 +189,10 @@ fn bf16_weight_product(level: SimdLevel, prefetch: StreamPrefetch, threads: usiz
         rounded.copy_from_slice(x);
         rounded.par_chunks_mut(1 << 14).for_each(bf16_products::round_in_place);
     };
+    if rows > GEMV_MAX_ROWS && panel_gemm::available(level) {
+        // The panel gemm rounds the input as it packs it.
+        return panel_gemm::product(level, threads, x, rows, w.cols, PanelWeights::BF16(weights), w.rows, out, scratch);
+    }
     if rows <= GEMV_MAX_ROWS {
         // Decode: the widening scratch is idle on this path, so the rounded rows go there
         // instead of a fresh allocation per product.

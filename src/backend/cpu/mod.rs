@@ -37,6 +37,10 @@ pub struct CpuBackend {
     kv_precision: KvPrecision,
     /// How weight rows are prefetched in decode, per weight class, timed on the loaded model.
     prefetch: tune::PrefetchPlans,
+    /// `vdpbf16ps`'s multiply-add rate over f32 FMA's on this core (measured at start, `None`
+    /// without AVX-512 BF16 at this level): bf16 prefill takes the `vdpbf16ps` kernel only
+    /// where it clearly outruns FMA panels.
+    bf16_dot_rate: Option<f64>,
 }
 
 impl CpuBackend {
@@ -51,7 +55,16 @@ impl CpuBackend {
             .map_err(|e| Error::InvalidInput(format!("cannot start {threads} CPU threads: {e}")))?;
         let detected = SimdLevel::detect();
         let level = max_level.map_or(detected, |cap| detected.at_most(cap));
-        Ok(CpuBackend { pool, threads, level, widen_scratch: std::sync::Mutex::new(Vec::new()), kv_precision: KvPrecision::F16, prefetch: tune::PrefetchPlans::default() })
+        let bf16_dot_rate = if bf16_products::bf16_kernel_available(level) { bf16_products::dot_rate_over_fma() } else { None };
+        Ok(CpuBackend {
+            pool,
+            threads,
+            level,
+            widen_scratch: std::sync::Mutex::new(Vec::new()),
+            kv_precision: KvPrecision::F16,
+            prefetch: tune::PrefetchPlans::default(),
+            bf16_dot_rate,
+        })
     }
 
     /// Sets the KV cache precision of sessions whose options name none (f16 unless set: half
@@ -67,6 +80,18 @@ impl CpuBackend {
 
     pub fn simd_level(&self) -> SimdLevel {
         self.level
+    }
+
+    /// Which kernel bf16 prefill takes, and why (`None` where the CPU has no choice).
+    pub fn bf16_prefill_choice(&self) -> Option<String> {
+        self.bf16_dot_rate.map(|rate| {
+            let kernel = if self.bf16_dot_prefill() { "vdpbf16ps tiles" } else { "f32 FMA panels" };
+            format!("{kernel} (vdpbf16ps multiply-adds at {rate:.2}x the f32 FMA rate on this core; the tiles from {:.1}x)", bf16_products::DOT_PAYS_FROM_RATE)
+        })
+    }
+
+    fn bf16_dot_prefill(&self) -> bool {
+        self.bf16_dot_rate.is_some_and(|rate| rate >= bf16_products::DOT_PAYS_FROM_RATE)
     }
 
     /// What the prefetch timing at load measured, per weight class timed (see [`tune`]).
@@ -208,8 +233,8 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &Vec<f32>, rows: usize, w: &CpuMatrix, out: &mut Vec<f32>) {
         // A product running beside another one on the same backend gets its own scratch.
         match self.widen_scratch.try_lock() {
-            Ok(mut scratch) => matmul::matmul_with_scratch(self.level, self.prefetch.for_matrix(w), self.threads, x, rows, w, out, &mut scratch),
-            Err(_) => matmul::matmul_with_scratch(self.level, self.prefetch.for_matrix(w), self.threads, x, rows, w, out, &mut Vec::new()),
+            Ok(mut scratch) => matmul::matmul_with_scratch(self.level, self.prefetch.for_matrix(w), self.bf16_dot_prefill(), self.threads, x, rows, w, out, &mut scratch),
+            Err(_) => matmul::matmul_with_scratch(self.level, self.prefetch.for_matrix(w), self.bf16_dot_prefill(), self.threads, x, rows, w, out, &mut Vec::new()),
         }
     }
 

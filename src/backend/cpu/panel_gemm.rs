@@ -33,7 +33,9 @@ const ROWS_PER_PASS: usize = 96;
 /// Tasks per thread: a little slack against a core slowed by something else on the machine.
 const TASKS_PER_THREAD: usize = 2;
 
-/// Weights as stored: float ones `[n, k]` row-major, or a Q8_0 block matrix of `n` rows.
+/// Weights as stored: float ones `[n, k]` row-major, or a Q8_0 block matrix of `n` rows. bf16
+/// weights meet the input rounded to bf16 (as on every bf16 path, see `bf16_products`), done
+/// here as the input is packed.
 #[derive(Debug, Clone, Copy)]
 pub enum PanelWeights<'a> {
     F32(&'a [f32]),
@@ -104,7 +106,8 @@ fn run(wide: bool, threads: usize, x: &[f32], m: usize, k: usize, w: PanelWeight
     }
     let offset = scratch.as_ptr().align_offset(64).min(ALIGN_SLACK);
     let (panel_space, packed_input) = scratch[offset..offset + panel_len + input_len].split_at_mut(panel_len);
-    packed_input.par_chunks_mut(TILE_ROWS * k).enumerate().for_each(|(t, tile)| pack_input_tile(x, m, k, t * TILE_ROWS, tile));
+    let round_to_bf16 = matches!(w, PanelWeights::BF16(_));
+    packed_input.par_chunks_mut(TILE_ROWS * k).enumerate().for_each(|(t, tile)| pack_input_tile(x, m, k, t * TILE_ROWS, round_to_bf16, tile));
     let packed_input = &*packed_input;
     let out_columns = OutColumns { ptr: out.as_mut_ptr(), len: out.len() };
     panel_space.par_chunks_mut(panels_per_task * PANEL_COLUMNS * depth).enumerate().for_each(|(task, space)| {
@@ -197,13 +200,14 @@ impl OutColumns {
     }
 }
 
-/// Rows `first..first + 6` of `x` (zeros past `m`) interleaved: `tile[kk * 6 + r] = x[first + r][kk]`.
-fn pack_input_tile(x: &[f32], m: usize, k: usize, first: usize, tile: &mut [f32]) {
+/// Rows `first..first + 6` of `x` (zeros past `m`) interleaved: `tile[kk * 6 + r] = x[first + r][kk]`,
+/// rounded to bf16 values if `round_to_bf16`.
+fn pack_input_tile(x: &[f32], m: usize, k: usize, first: usize, round_to_bf16: bool, tile: &mut [f32]) {
     for r in 0..TILE_ROWS {
         let row = first + r;
         if row < m {
             for (kk, &v) in x[row * k..(row + 1) * k].iter().enumerate() {
-                tile[kk * TILE_ROWS + r] = v;
+                tile[kk * TILE_ROWS + r] = if round_to_bf16 { super::bf16_products::round_to_bf16_value(v) } else { v };
             }
         } else {
             for kk in 0..k {
@@ -501,13 +505,15 @@ mod tests {
             let w32: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             let f16: Vec<u16> = w32.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
             let bf16: Vec<u16> = w32.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            // bf16 weights meet the input rounded to bf16.
+            let x_bf16: Vec<f32> = x.iter().map(|&v| crate::backend::cpu::bf16_products::round_to_bf16_value(v)).collect();
             let cases = [
-                (PanelWeights::F32(&w32), w32.clone()),
-                (PanelWeights::F16(&f16), f16.iter().map(|&b| scalar::f16_bits_to_f32(b)).collect()),
-                (PanelWeights::BF16(&bf16), bf16.iter().map(|&b| scalar::bf16_bits_to_f32(b)).collect::<Vec<f32>>()),
+                (PanelWeights::F32(&w32), w32.clone(), &x),
+                (PanelWeights::F16(&f16), f16.iter().map(|&b| scalar::f16_bits_to_f32(b)).collect(), &x),
+                (PanelWeights::BF16(&bf16), bf16.iter().map(|&b| scalar::bf16_bits_to_f32(b)).collect::<Vec<f32>>(), &x_bf16),
             ];
-            for (weights, widened) in cases {
-                let want = reference(&x, m, k, &widened, n);
+            for (weights, widened, input) in cases {
+                let want = reference(input, m, k, &widened, n);
                 for (level, threads) in panel_levels().into_iter().flat_map(|l| [(l, 1usize), (l, 2)]) {
                     let mut out = vec![f32::NAN; m * n];
                     pool.install(|| product(level, threads, &x, m, k, weights, n, &mut out, &mut scratch));

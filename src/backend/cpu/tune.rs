@@ -195,7 +195,7 @@ fn time_plans(level: SimdLevel, threads: usize, matrices: &[&CpuMatrix], class: 
     let mut pass = |plan: StreamPrefetch| {
         let start = Instant::now();
         for m in matrices {
-            matmul::matmul_with_scratch(level, plan, threads, &x[..m.cols], 1, m, &mut out[..m.rows], &mut scratch);
+            matmul::matmul_with_scratch(level, plan, false, threads, &x[..m.cols], 1, m, &mut out[..m.rows], &mut scratch);
         }
         std::hint::black_box(&out);
         start.elapsed().as_secs_f64()
@@ -303,7 +303,7 @@ mod tests {
             let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
             let product = |plan| {
                 let mut out = vec![0.0f32; 203];
-                pool.install(|| matmul::matmul_with_scratch(SimdLevel::detect(), plan, 2, &x, 1, &m, &mut out, &mut Vec::new()));
+                pool.install(|| matmul::matmul_with_scratch(SimdLevel::detect(), plan, false, 2, &x, 1, &m, &mut out, &mut Vec::new()));
                 out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
             let want = product(class.default_plan());

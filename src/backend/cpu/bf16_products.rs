@@ -1,5 +1,6 @@
 //! Products with bf16 weights: activations rounded to bf16 at the product's input, and the
-//! prefill product on AVX-512 BF16 (`vdpbf16ps`) where the CPU has it.
+//! prefill product on AVX-512 BF16 (`vdpbf16ps`) where the CPU has it and runs it faster than
+//! f32 FMA (see [`dot_rate_over_fma`]).
 //!
 //! bf16 weights meet bf16 activations, as llama.cpp's bf16 path and cuBLAS do: a product of two
 //! bf16 values is exact in f32, so every path (this kernel, the f32 GEMV of decode, the widening

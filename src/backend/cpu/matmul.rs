@@ -2,12 +2,14 @@
 //!
 //! Decode (1..=GEMV_MAX_ROWS rows) is memory-bound: each thread streams disjoint weight rows
 //! once, four sequential streams at a time, and dots them with every input row. Prefill is
-//! compute-bound: on AVX2 the panel gemm (16-bit weights widened as they are packed, see
-//! `panel_gemm`), elsewhere the `gemm` crate's packed, register-blocked f32 kernels, with 16-bit
-//! weights widened chunk by chunk into scratch.
+//! compute-bound: on AVX2 and AVX-512 the panel gemm (16-bit weights widened as they are packed,
+//! see `panel_gemm`; bf16 on `vdpbf16ps` where that outruns FMA, see `bf16_products`), without
+//! AVX2 the `gemm` crate's packed, register-blocked f32 kernels, with 16-bit weights widened
+//! chunk by chunk into scratch.
 //! Block-quantized weights take integer products in both (see `quant`): the input is quantized
 //! to 8 bits once per product and meets row groups of 16 weight rows, four input rows at a time
-//! in prefill (widened to f32 like the 16-bit types only on CPUs without AVX2).
+//! in prefill (on AVX2, Q8_0 prefill of many rows decodes into the panel gemm instead; without
+//! AVX2 the blocks are widened to f32 like the 16-bit types).
 
 use rayon::prelude::*;
 

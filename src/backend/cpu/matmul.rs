@@ -454,11 +454,12 @@ fn gemm_f32(threads: usize, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn naive(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    /// The scalar reference of `x · wᵀ`: f64 sums (`w` is `[n, k]`).
+    pub(crate) fn naive(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         let mut out = vec![0.0; rows * n];
         for r in 0..rows {
             for j in 0..n {

@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// The floor counts the cache's bytes at this precision.
     #[arg(long, value_name = "f16|f32")]
     kv_cache: Option<KvPrecision>,
+    /// The highest CPU SIMD level to use: scalar, avx2 or avx512 (unset: the best this CPU has),
+    /// to time each level's kernels on one machine.
+    #[arg(long, value_name = "scalar|avx2|avx512", value_parser = super::parse_simd_level)]
+    simd: Option<engram::backend::cpu::simd::SimdLevel>,
     /// Conditions measured in turn every repeat, comma-separated; each is `none` or features
     /// joined by `+`: steer (a vector at every layer and token), per-seq (each sequence of the
     /// batch its own vector), relative, clamp (conditional steering), capture (every layer at
@@ -304,7 +308,7 @@ fn overheads(baseline: &[f64], condition: &[f64]) -> Vec<f64> {
 pub fn run(args: BenchArgs) -> Result<()> {
     anyhow::ensure!(args.repeats > 0 && args.batch > 0, "--repeats and --batch must be positive");
     anyhow::ensure!(!args.conditions.is_empty() && !args.dtypes.is_empty(), "give at least one condition and one dtype");
-    let model_args = |dtype| super::ModelArgs { model: args.model.clone(), dtype, threads: args.threads, device: args.device, kv_cache: args.kv_cache };
+    let model_args = |dtype| super::ModelArgs { model: args.model.clone(), dtype, threads: args.threads, device: args.device, kv_cache: args.kv_cache, simd: args.simd };
     match model_args(args.dtypes[0]).select()? {
         super::Selected::Cpu(first) => {
             let mut models = Vec::new();

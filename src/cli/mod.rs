@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use engram::backend::cpu::CpuBackend;
+use engram::backend::cpu::simd::SimdLevel;
 use engram::backend::cuda::{CudaBackend, DeviceChoice};
 use engram::backend::Backend;
 use engram::model::ModelFiles;
@@ -81,6 +82,20 @@ pub struct ModelArgs {
     /// default) or f32 (the projections kept exactly; CUDA's only choice). Unset: the device's.
     #[arg(long, value_name = "f16|f32")]
     pub kv_cache: Option<KvPrecision>,
+    /// The highest CPU SIMD level to use: scalar, avx2 or avx512 (unset: the best this CPU
+    /// has; a higher one than it has runs at its best), for comparing the kernels of each level
+    /// on one machine.
+    #[arg(long, value_name = "scalar|avx2|avx512", value_parser = parse_simd_level)]
+    pub simd: Option<SimdLevel>,
+}
+
+pub(crate) fn parse_simd_level(text: &str) -> std::result::Result<SimdLevel, String> {
+    match text {
+        "scalar" => Ok(SimdLevel::Scalar),
+        "avx2" => Ok(SimdLevel::Avx2),
+        "avx512" => Ok(SimdLevel::Avx512),
+        other => Err(format!("unknown SIMD level {other:?}: use scalar, avx2 or avx512")),
+    }
 }
 
 /// A command body that runs on whichever backend `--device` selected (a trait rather than a
@@ -146,7 +161,7 @@ impl ModelArgs {
 
     /// The CPU backend with `--threads` and `--kv-cache` applied.
     pub(crate) fn cpu_backend(&self) -> Result<CpuBackend> {
-        let backend = CpuBackend::new(self.threads, None)?;
+        let backend = CpuBackend::new(self.threads, self.simd)?;
         Ok(match self.kv_cache {
             Some(precision) => backend.with_kv_precision(precision),
             None => backend,

@@ -142,3 +142,14 @@ fn the_kv_cache_precision_is_chosen_on_the_command_line_and_checked() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--kv-cache f16 runs on the CPU only"), "{stderr}");
 }
+
+#[test]
+fn the_simd_level_is_capped_on_the_command_line_and_checked() {
+    let dir = tiny_model();
+    let (stdout, stderr) = common::run_ok(engram().args(["bench", "-m"]).arg(dir.path()).args(["--dtypes", "f32", "-p", "8", "-n", "2", "--repeats", "1", "--threads", "2", "--device", "cpu", "--simd", "scalar"]));
+    let header = format!("{stdout}{stderr}");
+    assert!(header.contains("2 threads, scalar)"), "the header names the capped level: {header}");
+    let out = engram().args(["bench", "-m"]).arg(dir.path()).args(["--simd", "avx3"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("use scalar, avx2 or avx512"), "{stderr}");
+}

@@ -6,6 +6,7 @@
 //! kernel for Q8_0.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use engram::backend::cpu::bf16_products;
 use engram::backend::cpu::buffer::WeightBuffer;
 use engram::backend::cpu::matmul::{gemm_strided, matmul, CpuMatrix, MatRef, WeightData};
 use engram::backend::cpu::panel_gemm::{self, PanelWeights};
@@ -253,11 +254,11 @@ fn prefill_products(c: &mut Criterion) {
                 })
             })
         });
-        if engram::backend::cpu::bf16_products::bf16_kernel_available(SimdLevel::detect()) {
+        if bf16_products::bf16_kernel_available(SimdLevel::detect()) {
             let level = SimdLevel::detect();
             let mut bits = vec![0u16; x.len()];
-            engram::backend::cpu::bf16_products::to_bf16_bits(level, &x, &mut bits);
-            group.bench_function("vdpbf16ps_bf16", |b| b.iter(|| pool.install(|| engram::backend::cpu::bf16_products::gemm_bf16(level, 2, &bits, m, k, &bf16, n, &mut out))));
+            bf16_products::to_bf16_bits(level, &x, &mut bits);
+            group.bench_function("vdpbf16ps_bf16", |b| b.iter(|| pool.install(|| bf16_products::gemm_bf16(level, 2, &bits, m, k, &bf16, n, &mut out))));
         }
         for &level in &levels {
             for (name, weights) in [("panel_f32", PanelWeights::F32(&w)), ("panel_f16", PanelWeights::F16(&f16)), ("panel_bf16", PanelWeights::BF16(&bf16))] {

@@ -177,8 +177,8 @@ pub fn matmul_with_scratch(level: SimdLevel, prefetch: StreamPrefetch, bf16_dot_
 }
 
 /// bf16 weights meet activations rounded to bf16 (see `bf16_products`): `vdpbf16ps` for prefill
-/// where the CPU has it, otherwise the f32 paths on the rounded activations, which compute the
-/// same products.
+/// where the CPU has it and it pays, the panel gemm (rounding as it packs) on AVX2 and AVX-512,
+/// otherwise the f32 paths on the rounded activations, which compute the same products.
 #[allow(clippy::too_many_arguments)]
 fn bf16_weight_product(level: SimdLevel, prefetch: StreamPrefetch, dot_prefill: bool, threads: usize, x: &[f32], rows: usize, w: &CpuMatrix, weights: &[u16], out: &mut [f32], scratch: &mut Vec<f32>) {
     if rows > GEMV_MAX_ROWS && dot_prefill && bf16_products::bf16_kernel_available(level) {
@@ -191,16 +191,15 @@ fn bf16_weight_product(level: SimdLevel, prefetch: StreamPrefetch, dot_prefill: 
         rounded.copy_from_slice(x);
         rounded.par_chunks_mut(1 << 14).for_each(bf16_products::round_in_place);
     };
-    if rows > GEMV_MAX_ROWS && panel_gemm::available(level) {
-        // The panel gemm rounds the input as it packs it.
-        return panel_gemm::product(level, threads, x, rows, w.cols, PanelWeights::BF16(weights), w.rows, out, scratch);
-    }
     if rows <= GEMV_MAX_ROWS {
         // Decode: the widening scratch is idle on this path, so the rounded rows go there
         // instead of a fresh allocation per product.
         scratch.resize(scratch.len().max(x.len()), 0.0);
         round(&mut scratch[..x.len()]);
         gemv(level, prefetch, threads, &scratch[..x.len()], rows, w, out);
+    } else if panel_gemm::available(level) {
+        // `gemm_any` takes the panel gemm, which rounds the input as it packs it.
+        gemm_any(level, threads, x, rows, w, out, scratch);
     } else {
         let mut rounded = vec![0.0f32; x.len()];
         round(&mut rounded);
